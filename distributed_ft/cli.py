@@ -1,0 +1,258 @@
+"""``dft``: the command line. Thin: it parses arguments and dispatches to the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from distributed_ft.errors import DftError
+
+log = logging.getLogger("distributed_ft")
+
+EPILOG = """examples:
+  dft train                                   # the embedded default: NER on CoNLL-2003 with MiniLM, offline
+  dft train ner-conll2003 train.lr=3e-5 train.epochs=2
+  dft train my_job.yaml run.output_dir=runs/exp1
+  dft config show ner-conll2003
+  dft predict runs/exp1 --input sentences.txt
+  dft evaluate runs/exp1 data.test=data/test.conll
+  torchrun --nproc_per_node 2 -m distributed_ft train my_job.yaml run.num_workers=2
+"""
+
+
+def _job_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "source", nargs="?", default=None, help="packaged recipe name or YAML file (default: ner-conll2003)"
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted config overrides, e.g. train.lr=3e-5 data.max_length=128",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``dft`` argument parser with all its sub-commands."""
+    parser = argparse.ArgumentParser(
+        prog="dft",
+        description="Fine-tune pretrained transformers: local, torchrun/accelerate, or Ray.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, library warnings")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = commands.add_parser("train", help="fine-tune a model (run directory: config, metrics, export)")
+    _job_arguments(train)
+
+    evaluate = commands.add_parser("evaluate", help="score a run or model directory on a labelled file")
+    evaluate.add_argument("path", help="run directory (config.yaml + export/) or model directory")
+    evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.test=FILE")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    predict = commands.add_parser("predict", help="apply a trained model to new text")
+    predict.add_argument("path", help="run directory or model directory")
+    predict.add_argument("--input", required=True, help="input file")
+    predict.add_argument(
+        "--format",
+        default="text",
+        choices=["text", "jsonl", "conll"],
+        help="text: one sentence per line; jsonl: {'tokens': [...]} or {'text': ...}; "
+        "conll: token-per-line (output gets a predicted column)",
+    )
+    predict.add_argument("--output", help="output file (default: stdout)")
+    predict.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.max_length=512")
+
+    export = commands.add_parser("export", help="write a save_pretrained model from a run's checkpoint")
+    export.add_argument("path", help="run directory")
+    export.add_argument("--out", required=True, help="output directory")
+    export.add_argument("--checkpoint", default="best", help="best (default), latest, or a checkpoint path")
+    export.add_argument("--merge-lora", action="store_true", help="merge LoRA adapters into the weights")
+
+    data = commands.add_parser("data", help="data utilities")
+    data_commands = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+    _job_arguments(data_commands.add_parser("prepare", help="read, validate, tokenize and cache the data"))
+
+    config = commands.add_parser("config", help="configuration utilities")
+    config_commands = config.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
+    _job_arguments(config_commands.add_parser("show", help="print the resolved config (every key)"))
+    config_commands.add_parser("recipes", help="list the packaged recipes")
+
+    plan = commands.add_parser("plan", help="predict memory, fit, throughput, time and cost on a cluster")
+    _job_arguments(plan)
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    plan.add_argument("--tokens", type=float, help="training tokens to plan for (default: from the data)")
+    plan.add_argument("--mfu", type=float, help="model FLOPs utilisation to assume")
+    plan.add_argument("--measured-tokens-per-s", type=float, help="use a measured throughput instead")
+    return parser
+
+
+def _context(config=None):
+    from distributed_ft.runtime.context import create_context
+    from distributed_ft.runtime.tracking import setup_logging
+
+    run = config.run if config is not None else None
+    context = create_context(
+        use_gpu=bool(run and run.use_gpu), expected_world_size=run.num_workers if run else None
+    )
+    return context, setup_logging
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    if not verbose:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """``dft train``: run a job locally, under a launcher, or on Ray."""
+    from distributed_ft.config import load_config
+
+    overrides = [*args.overrides, *(["run.progress=false"] if args.quiet else [])]
+    config, name = load_config(args.source, overrides)
+    if config.run.backend == "ray":
+        from distributed_ft.backends.ray_train import train_on_ray
+
+        results, run_dir = train_on_ray(config, name)
+    else:
+        from distributed_ft.train.loop import train
+
+        context, setup_logging = _context(config)
+        setup_logging(context, args.verbose)
+        if config.run.num_threads:
+            import torch
+
+            torch.set_num_threads(config.run.num_threads)
+        started = time.perf_counter()
+        results = train(config, context, name)
+        if not context.is_main:
+            return 0
+        run_dir = results.get("export", "").rsplit("/export", 1)[0]
+        log.info("finished in %.0f s", time.perf_counter() - started)
+    from distributed_ft.tasks import get_task
+    from distributed_ft.train.loop import results_summary
+
+    print(results_summary(results, run_dir, get_task(config).format_report))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``dft evaluate``: score a trained model on a labelled file."""
+    from distributed_ft.tasks import get_task
+    from distributed_ft.train.predict import evaluate_model, locate_model
+
+    context, setup_logging = _context()
+    setup_logging(context, args.verbose)
+    overrides = [*args.overrides, *(["run.progress=false"] if args.quiet else [])]
+    metrics = evaluate_model(args.path, overrides, context)
+    if context.is_main:
+        _, config = locate_model(args.path, overrides)
+        print(json.dumps(metrics, indent=2) if args.json else get_task(config).format_report(metrics))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """``dft predict``: apply a trained model to a file."""
+    from distributed_ft.train.predict import predict_file
+
+    context, setup_logging = _context()
+    setup_logging(context, args.verbose)
+    overrides = [*args.overrides, *(["run.progress=false"] if args.quiet else [])]
+    count = predict_file(args.path, args.input, args.format, args.output, context, overrides)
+    if args.output:
+        log.info("wrote %d predictions to %s", count, args.output)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``dft export``: export a checkpoint as a ``save_pretrained`` directory."""
+    from distributed_ft.train.export import export_run
+
+    context, setup_logging = _context()
+    setup_logging(context, args.verbose)
+    out = export_run(args.path, args.out, args.checkpoint, context, merge_lora=args.merge_lora)
+    log.info("exported %s", out)
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """``dft data prepare``: read, validate, tokenize and cache the data of a job."""
+    from distributed_ft.config import load_config
+    from distributed_ft.modeling.build import load_tokenizer
+    from distributed_ft.tasks import get_task
+    from distributed_ft.train.job import data_splits, prepare_data_once
+
+    config, _ = load_config(args.source, args.overrides)
+    context, setup_logging = _context()
+    setup_logging(context, args.verbose)
+    tokenizer = load_tokenizer(config.model.name, config.model.revision)
+    prepared = prepare_data_once(get_task(config), tokenizer, data_splits(config), None, context)
+    print(prepared.directory)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """``dft config show|recipes``."""
+    from distributed_ft.config import dump_config, load_config, recipe_names
+
+    if args.config_command == "recipes":
+        print("\n".join(recipe_names()))
+        return 0
+    config, _ = load_config(args.source, args.overrides)
+    print(dump_config(config), end="")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """``dft plan``: the capacity plan of a job on ``cluster.*``."""
+    from distributed_ft.config import load_config
+    from distributed_ft.planning import plan_job
+
+    config, _ = load_config(args.source, args.overrides)
+    report = plan_job(
+        config,
+        num_train_tokens=int(args.tokens) if args.tokens else None,
+        measured_tokens_per_s=args.measured_tokens_per_s,
+        mfu=args.mfu,
+    )
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.format_table())
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "predict": cmd_predict,
+    "export": cmd_export,
+    "data": cmd_data,
+    "config": cmd_config,
+    "plan": cmd_plan,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``dft`` and ``python -m distributed_ft``; user errors exit 2 with one message."""
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        args = build_parser().parse_args(["train", *(argv or sys.argv[1:])])
+    _quiet_libraries(args.verbose)
+    try:
+        return COMMANDS[args.command](args)
+    except DftError as exc:
+        print(f"dft {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"dft {args.command}: interrupted; rerun the same command to resume from the last checkpoint",
+            file=sys.stderr,
+        )
+        return 130

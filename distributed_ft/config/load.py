@@ -1,0 +1,121 @@
+"""Build a :class:`JobConfig` from a packaged recipe or a YAML file plus dotted ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from distributed_ft.config.schema import JobConfig
+from distributed_ft.errors import ConfigError
+
+DEFAULT_RECIPE = "ner-conll2003"
+
+
+def recipe_names() -> list[str]:
+    """Names of the recipes packaged with distributed_ft."""
+    folder = resources.files("distributed_ft.config") / "recipes"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_source(source: str) -> tuple[dict[str, Any], str]:
+    """Return the raw mapping of a recipe name or YAML path, and a short name for the job."""
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {source!r} does not exist")
+        text, name = path.read_text(encoding="utf-8"), path.stem
+    elif source in recipe_names():
+        text = (resources.files("distributed_ft.config") / "recipes" / f"{source}.yaml").read_text()
+        name = source
+    else:
+        close = difflib.get_close_matches(source, recipe_names(), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(
+            f"{source!r} is neither a YAML file nor a packaged recipe; {hint}"
+            f"recipes: {', '.join(recipe_names())}"
+        )
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw, name
+
+
+def _valid_keys(model: type[BaseModel] = JobConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(_valid_keys(annotation, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _closest_key(key: str) -> str:
+    keys = _valid_keys()
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    if not close:  # compare the last component only: 'train.learning_rate' -> 'train.lr'
+        section = key.rsplit(".", 1)[0]
+        close = difflib.get_close_matches(key, [k for k in keys if k.startswith(section)], n=1, cutoff=0)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override to the raw mapping; the value is parsed as YAML."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {assignment!r} is not of the form key=value (e.g. train.lr=3e-5)")
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {assignment!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def _format_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"unknown config key {key!r}{_closest_key(key)}"
+    if not key:  # a model-level validator
+        return err["msg"].removeprefix("Value error, ")
+    shown = f" (got {err['input']!r})" if not isinstance(err["input"], dict) else ""
+    return f"config key {key!r}: {err['msg']}{shown}"
+
+
+def validate(raw: dict[str, Any]) -> JobConfig:
+    """Validate a raw mapping into a :class:`JobConfig`, raising a one-line :class:`ConfigError`."""
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
+
+
+def load_config(
+    source: str | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> tuple[JobConfig, str]:
+    """Resolve ``source`` (recipe name, YAML path, or the default recipe) and ``overrides``.
+
+    Returns:
+        The validated config and a short job name (recipe name or file stem).
+    """
+    raw, name = _read_source(source or DEFAULT_RECIPE)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return validate(raw), name
+
+
+def dump_config(config: JobConfig) -> str:
+    """The resolved config as YAML, every key shown."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

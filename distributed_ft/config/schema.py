@@ -1,0 +1,175 @@
+"""The typed job configuration.
+
+Every key a recipe or a ``key=value`` override may set lives here, with its default and a one-line
+meaning. Unknown keys are errors (``extra="forbid"``), so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+TaskName = Literal["token_classification", "sequence_classification", "causal_lm"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """``model.*``: which pretrained model and how it is loaded."""
+
+    name: str = "builtin:minilm-l6"
+    """Hub id, local ``save_pretrained`` directory, or ``builtin:NAME`` (an offline packaged model)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the weights are loaded in (master weights; see ``train.mixed_precision`` for compute)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when ``name`` is a hub id."""
+
+
+class DataConfig(_Section):
+    """``data.*``: input files, their format and how they are tokenized and batched."""
+
+    train: str | None = None
+    """Training file (path, glob or ``builtin:NAME``)."""
+    validation: str | None = None
+    test: str | None = None
+    format: Literal["auto", "conll", "jsonl", "csv", "parquet"] = "auto"
+    """File format; ``auto`` picks it from the file extension."""
+    max_length: int = Field(256, ge=8)
+    """Sub-word tokens per example; longer examples are truncated and the count is reported."""
+    max_train_samples: int | None = Field(None, ge=1)
+    max_eval_samples: int | None = Field(None, ge=1)
+    tokens_column: str = "tokens"
+    """Column (JSONL/CSV/Parquet) holding the list of words of a sentence."""
+    tags_column: str = "tags"
+    """Column holding the list of word tags."""
+    text_column: str = "text"
+    label_column: str = "label"
+    conll_tag_column: int = -1
+    """Which whitespace-separated CoNLL column holds the tag (0-based; -1 is the last)."""
+    tag_scheme: Literal["auto", "iob1", "iob2", "iobes"] = "auto"
+    """Input tagging scheme; everything is normalised to IOB2."""
+    label_all_subtokens: bool = False
+    """Label every sub-token of a word (continuations get the ``I-`` tag) instead of the first only."""
+    group_by_length: bool = True
+    """Batch training examples of similar length together (less padding)."""
+    cache_dir: str | None = None
+    """Where prepared shards are cached (default ``$XDG_CACHE_HOME/distributed_ft/prepared``)."""
+    shard_rows: int = Field(4096, ge=1)
+    """Rows per prepared Parquet shard."""
+
+
+class TrainConfig(_Section):
+    """``train.*``: optimisation, schedule, evaluation and checkpoint cadence."""
+
+    epochs: float = Field(3, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    """Optimizer steps; overrides ``epochs`` when set."""
+    lr: float = Field(5e-5, gt=0)
+    batch_size: int = Field(16, ge=1)
+    """Examples per device per micro-batch."""
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    weight_decay: float = Field(0.01, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm to this value (``null`` disables clipping)."""
+    eval_every: int | None = Field(None, ge=1)
+    """Evaluate every N optimizer steps (in addition to the end of each epoch when ``eval_each_epoch``)."""
+    eval_each_epoch: bool = True
+    early_stopping_patience: int | None = Field(None, ge=1)
+    """Stop after this many evaluations without improvement of ``eval.metric``."""
+    seed: int = 42
+    save_every: int | None = Field(None, ge=1)
+    """Write a resumable checkpoint every N optimizer steps (and always at each evaluation)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """How many recent checkpoints to keep (the best one is kept in addition)."""
+    log_every: int = Field(10, ge=1)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast compute dtype; master weights stay in ``model.dtype``."""
+    fused_optimizer: bool = True
+    """Use torch's fused AdamW kernel where available (much faster on CPU)."""
+
+
+class EvalConfig(_Section):
+    """``eval.*``: the metric that picks the best checkpoint and evaluation batching."""
+
+    metric: str = "f1"
+    """Metric that drives early stopping and the best checkpoint (``loss`` is minimised, others maximised)."""
+    batch_size: int = Field(64, ge=1)
+    seqeval_mode: Literal["default", "strict"] = "default"
+    """``strict`` scores IOB2 entities with seqeval's strict mode."""
+
+
+class PeftConfig(_Section):
+    """``peft.*``: parameter-efficient fine-tuning (LoRA and friends)."""
+
+    method: Literal["none", "lora", "ia3", "prompt_tuning", "prefix_tuning", "freeze"] = "none"
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | None = None
+
+
+class DeepSpeedConfig(_Section):
+    """``deepspeed.*``: ZeRO stage and offload when ``run.engine=deepspeed``."""
+
+    zero_stage: int = Field(2, ge=0, le=3)
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    config: str | None = None
+    """A DeepSpeed JSON file to start from; values that conflict with this job config are errors."""
+
+
+class RunConfig(_Section):
+    """``run.*``: where the run writes, which backend and engine, how many workers."""
+
+    output_dir: str | None = None
+    """Run directory (default ``runs/<recipe>-<timestamp>``)."""
+    backend: Literal["local", "ray"] = "local"
+    engine: Literal["torch", "deepspeed"] = "torch"
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    resume: str = "auto"
+    """``auto`` (newest good checkpoint in ``output_dir`` if any), ``never``, or a checkpoint path."""
+    progress: bool = True
+    """Show progress bars (rank 0 only)."""
+    num_threads: int | None = Field(None, ge=1)
+    """torch intra-op threads per process (default: torch's choice)."""
+
+
+class ClusterConfig(_Section):
+    """``cluster.*``: the hardware ``dft plan`` sizes the job for."""
+
+    gpu_type: str = "H100-80GB"
+    gpu_memory_gb: float = Field(80, gt=0)
+    gpus_per_node: int = Field(8, ge=1)
+    nodes: int = Field(1, ge=1)
+    host_memory_gb: float = Field(1024, gt=0)
+    price_per_gpu_hour: float = Field(2.5, ge=0)
+
+
+class JobConfig(_Section):
+    """A whole fine-tuning job."""
+
+    task: TaskName = "token_classification"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    peft: PeftConfig = PeftConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    run: RunConfig = RunConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> JobConfig:
+        if self.deepspeed.offload_param and self.deepspeed.zero_stage != 3:
+            raise ValueError("deepspeed.offload_param needs deepspeed.zero_stage=3")
+        if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+        return self

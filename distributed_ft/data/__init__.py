@@ -1,0 +1,1 @@
+"""Reading labelled data files."""

@@ -1,0 +1,166 @@
+"""BatchSource: per-rank, resumable iteration over a prepared Arrow table.
+
+The batch order of an epoch is a pure function of ``(seed, epoch)``, so resuming at batch ``k`` of an
+epoch is exact: skip ``k`` batches of the same order (no data is re-read or re-trained). Each rank takes
+a disjoint, deterministic subset of the batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import pyarrow as pa
+
+Batch = dict[str, Any]
+Collate = Callable[[list[dict[str, Any]]], Batch]
+
+MEGABATCH_FACTOR = 50
+"""Length grouping sorts windows of ``50 x batch_size`` shuffled examples, keeping batches random."""
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """What the loop iterates: this rank's batches of the current epoch, resumable."""
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def state_dict(self) -> dict[str, int]: ...
+
+    def load_state_dict(self, state: dict[str, int]) -> None: ...
+
+
+class RowReader:
+    """Fast row access to an Arrow table: list columns are kept as flat numpy values + offsets."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self.num_rows = table.num_rows
+        self._lists: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._scalars: dict[str, np.ndarray] = {}
+        for name in table.column_names:
+            column = table.column(name).combine_chunks()
+            if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+                offsets = column.offsets.to_numpy()
+                values = column.values.to_numpy(zero_copy_only=False)
+                self._lists[name] = (values, offsets - offsets[0])
+            else:
+                self._scalars[name] = column.to_numpy(zero_copy_only=False)
+
+    def row(self, index: int) -> dict[str, Any]:
+        """One example as ``{column: numpy array or scalar}``."""
+        out: dict[str, Any] = {name: values[index] for name, values in self._scalars.items()}
+        for name, (values, offsets) in self._lists.items():
+            out[name] = values[offsets[index] : offsets[index + 1]]
+        return out
+
+
+def length_grouped_order(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Batches of similar length in random order: shuffle, sort within mega-batches, shuffle batches."""
+    order = rng.permutation(len(lengths))
+    window = batch_size * MEGABATCH_FACTOR
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = order[start : start + window]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+class ArrowBatchSource:
+    """Batches of a prepared split for one rank.
+
+    Args:
+        table: The prepared split (must have a ``length`` column when grouping or sorting by length).
+        collate: Turns a list of rows into a batch of tensors (dynamic padding).
+        batch_size: Examples per batch on this rank.
+        shuffle: Training order (a new permutation per epoch) instead of evaluation order.
+        group_by_length: With ``shuffle``, batch examples of similar length together.
+        sort_by_length: Without ``shuffle``, batch in length order (fast evaluation; order restored later).
+        rank, world_size: This rank takes batches ``rank, rank + world_size, ...``.
+        even_batches: Drop the last ``< world_size`` batches so every rank steps equally (training).
+    """
+
+    def __init__(
+        self,
+        table: pa.Table,
+        collate: Collate,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        group_by_length: bool = True,
+        sort_by_length: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        even_batches: bool = True,
+    ) -> None:
+        self.rows = RowReader(table)
+        self.lengths = (
+            np.asarray(table.column("length").to_numpy()) if "length" in table.column_names else None
+        )
+        self.collate, self.batch_size = collate, batch_size
+        self.shuffle, self.group_by_length, self.sort_by_length = shuffle, group_by_length, sort_by_length
+        self.seed, self.rank, self.world_size, self.even_batches = seed, rank, world_size, even_batches
+        self.epoch, self.position = 0, 0
+        self._plan: list[np.ndarray] | None = None
+
+    def _epoch_batches(self) -> list[np.ndarray]:
+        n = self.rows.num_rows
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            if self.group_by_length and self.lengths is not None:
+                batches = length_grouped_order(self.lengths, self.batch_size, rng)
+            else:
+                order = rng.permutation(n)
+                batches = [order[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
+        else:
+            order = np.arange(n)
+            if self.sort_by_length and self.lengths is not None:
+                order = np.argsort(-self.lengths, kind="stable")
+            batches = [order[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
+        if self.even_batches:
+            batches = batches[: len(batches) - len(batches) % self.world_size]
+        return batches[self.rank :: self.world_size]
+
+    def _batches(self) -> list[np.ndarray]:
+        if self._plan is None:
+            self._plan = self._epoch_batches()
+        return self._plan
+
+    @property
+    def dropped_examples(self) -> int:
+        """Examples left out of this epoch so that all ranks take the same number of batches."""
+        if not self.even_batches or self.world_size == 1:
+            return 0
+        total = sum(len(b) for b in self._batches()) * self.world_size
+        return max(0, self.rows.num_rows - total)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.position, self._plan = epoch, 0, None
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+    def __iter__(self) -> Iterator[Batch]:
+        batches = self._batches()
+        while self.position < len(batches):
+            indices = batches[self.position]
+            self.position += 1
+            yield self.collate([self.rows.row(int(i)) for i in indices])
+
+    def state_dict(self) -> dict[str, int]:
+        """Epoch and number of batches of it already handed out."""
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position, self._plan = state["epoch"], state["position"], None
+
+    def reset(self) -> None:
+        """Start the current epoch over (evaluation sources are iterated many times)."""
+        self.position = 0

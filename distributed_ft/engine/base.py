@@ -1,0 +1,57 @@
+"""The Engine seam: everything the loop asks of the thing that owns the model and the optimizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """One optimisation step, split where the loop needs to see it.
+
+    The loop calls, per micro-batch, ``forward(batch, sync_grads=boundary)`` then ``backward(loss)``, and
+    ``step()`` once at each gradient-accumulation boundary. Loss scaling for accumulation happens once,
+    inside the engine.
+    """
+
+    @property
+    def module(self) -> nn.Module:
+        """The unwrapped model (for evaluation, prediction and export)."""
+        ...
+
+    def prepare(self, model: nn.Module, total_steps: int) -> None:
+        """Take ownership of ``model``: move, wrap, build optimizer and schedule."""
+        ...
+
+    def forward(self, batch: dict[str, torch.Tensor], sync_grads: bool = True) -> Any:
+        """Run the model on ``batch`` (moved to the device, under autocast when configured)."""
+        ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> float | None:
+        """Clip, step the optimizer and the schedule, zero gradients; returns the gradient norm."""
+        ...
+
+    @property
+    def lr(self) -> float: ...
+
+    def train(self, mode: bool = True) -> None: ...
+
+    def save(self, directory: Path) -> None:
+        """Write model, optimizer and schedule state into ``directory`` (every rank calls this)."""
+        ...
+
+    def load(self, directory: Path) -> None: ...
+
+    def export(self, directory: Path) -> None:
+        """Write a consolidated ``save_pretrained`` model into ``directory`` (every rank calls this)."""
+        ...
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds in parameters, gradients and optimizer states (counted from tensors)."""
+        ...

@@ -1,0 +1,127 @@
+"""Plain PyTorch engine: one process, or DistributedDataParallel when the context has several ranks."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from distributed_ft.config.schema import JobConfig
+from distributed_ft.engine.optim import build_optimizer, build_scheduler, tensor_bytes
+from distributed_ft.errors import ConfigError
+from distributed_ft.runtime.context import RuntimeContext
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_STATE_FILE = "engine_state.pt"
+
+
+class TorchEngine:
+    """AdamW + schedule + optional autocast/DDP; gradient accumulation by loss scaling."""
+
+    def __init__(self, config: JobConfig, context: RuntimeContext) -> None:
+        self.config, self.context = config, context
+        self.grad_accum = config.train.grad_accum
+        precision = config.train.mixed_precision
+        if precision == "fp16" and context.device.type != "cuda":
+            raise ConfigError("train.mixed_precision=fp16 needs a GPU; use bf16 (or no) on CPU")
+        self._autocast_dtype = _AUTOCAST_DTYPES.get(precision)
+        self._scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        self._model: nn.Module | None = None
+        self._wrapped: nn.Module | None = None
+
+    @property
+    def module(self) -> nn.Module:
+        assert self._model is not None, "prepare() first"
+        return self._model
+
+    def prepare(self, model: nn.Module, total_steps: int) -> None:
+        self._model = model.to(self.context.device)
+        self._wrapped = self._model
+        if self.context.world_size > 1:
+            device_ids = [self.context.device.index] if self.context.device.type == "cuda" else None
+            self._wrapped = DistributedDataParallel(self._model, device_ids=device_ids)
+        self.optimizer = build_optimizer(self._model, self.config.train)
+        self.scheduler = build_scheduler(self.optimizer, self.config.train, total_steps)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast region for forward passes (a no-op in full precision)."""
+        if self._autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.context.device.type, dtype=self._autocast_dtype)
+
+    def forward(self, batch: dict[str, torch.Tensor], sync_grads: bool = True) -> Any:
+        batch = {k: v.to(self.context.device, non_blocking=True) for k, v in batch.items()}
+        if isinstance(self._wrapped, DistributedDataParallel):
+            self._wrapped.require_backward_grad_sync = sync_grads
+        with self.autocast():
+            return self._wrapped(**batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss = loss / self.grad_accum
+        (self._scaler.scale(loss) if self._scaler else loss).backward()
+
+    def step(self) -> float | None:
+        norm = None
+        if self._scaler:
+            self._scaler.unscale_(self.optimizer)
+        max_norm = self.config.train.max_grad_norm
+        if max_norm is not None:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
+        if self._scaler:
+            self._scaler.step(self.optimizer)
+            self._scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)
+
+    def save(self, directory: Path) -> None:
+        if not self.context.is_main:  # DDP replicas are identical: rank 0 writes for all
+            return
+        state = {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self._scaler.state_dict() if self._scaler else None,
+        }
+        torch.save(state, directory / _STATE_FILE)
+
+    def load(self, directory: Path) -> None:
+        state = torch.load(directory / _STATE_FILE, map_location=self.context.device, weights_only=False)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self._scaler and state["scaler"]:
+            self._scaler.load_state_dict(state["scaler"])
+
+    def export(self, directory: Path) -> None:
+        if self.context.is_main:
+            self.module.save_pretrained(directory)
+
+    def state_bytes(self) -> dict[str, int]:
+        params = list(self.module.parameters())
+        optimizer_states = [t for s in self.optimizer.state.values() for t in s.values() if t.ndim > 0]
+        return {
+            "parameters": tensor_bytes(params),
+            "gradients": tensor_bytes(p.grad for p in params),
+            "optimizer_states": tensor_bytes(optimizer_states),
+        }
+
+
+def inference_engine(model: nn.Module, config: JobConfig, context: RuntimeContext) -> TorchEngine:
+    """A TorchEngine that only runs forward passes (evaluation and prediction of a trained model)."""
+    engine = TorchEngine(config, context)
+    engine._model = engine._wrapped = model.to(context.device).eval()
+    return engine

@@ -1,0 +1,1 @@
+"""Models and tokenizers from a hub id, a local directory or a packaged builtin."""

@@ -1,0 +1,1 @@
+"""Where the loop runs: rank, world size, device, collectives, reporting."""

@@ -1,0 +1,43 @@
+"""The Task seam: what the loop, evaluation and prediction need to know about a task."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import pyarrow as pa
+import torch
+from torch import nn
+
+from distributed_ft.data.prepare import PreparedDataset
+from distributed_ft.data.sources import Batch
+
+
+class Task(Protocol):
+    """A task: its data encoding, model head, loss, predictions and metrics."""
+
+    name: str
+    default_metric: str
+
+    def prepare_data(
+        self, tokenizer: Any, splits: dict[str, str], labels: list[str] | None
+    ) -> PreparedDataset:
+        """Read, validate, encode and cache ``{split: path}``; ``labels`` fixed when given."""
+        ...
+
+    def build_model(self, labels: list[str] | None) -> nn.Module: ...
+
+    def collate(self, rows: list[dict[str, Any]], with_meta: bool = False) -> Batch:
+        """Pad rows into model inputs; ``with_meta`` adds ``batch["meta"]`` for evaluation."""
+        ...
+
+    def loss(self, outputs: Any, batch: Batch) -> torch.Tensor: ...
+
+    def predictions(self, outputs: Any, batch: Batch) -> list[tuple[int, Any]]:
+        """``(example_id, prediction)`` for every example of an evaluation batch."""
+        ...
+
+    def score(self, predictions: dict[int, Any], split: pa.Table, labels: list[str]) -> dict[str, Any]:
+        """Metrics of ``predictions`` against the gold labels kept in the prepared ``split``."""
+        ...
+
+    def format_report(self, metrics: dict[str, Any]) -> str: ...

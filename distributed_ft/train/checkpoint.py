@@ -1,0 +1,149 @@
+"""Resumable run state and atomic checkpoints.
+
+A checkpoint is a directory ``checkpoints/step-NNNNNNN`` holding the engine's state (model, optimizer,
+schedule; sharded under DeepSpeed), ``run_state.json`` (step, epoch, data position, early-stopping state)
+and each rank's RNG states. It is written into ``.tmp-step-NNNNNNN`` and renamed into place only when
+every rank has finished; the ``latest`` pointer moves last. A crash at any point leaves the previous
+checkpoint complete and ``latest`` pointing at it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from distributed_ft.engine.base import Engine
+from distributed_ft.errors import CheckpointError
+from distributed_ft.runtime.context import RuntimeContext
+
+STATE_FILE = "run_state.json"
+LATEST = "latest"
+BEST = "best"
+PREFIX = "step-"
+
+
+@dataclass
+class RunState:
+    """Everything besides the engine that a resumed run needs to continue exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    source: dict[str, int] = field(default_factory=lambda: {"epoch": 0, "position": 0})
+    best_metric: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+    tokens_seen: int = 0
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def is_complete(directory: Path) -> bool:
+    """A checkpoint directory is complete when its run state exists (written last, before the rename)."""
+    return (directory / STATE_FILE).is_file() and not directory.name.startswith(".")
+
+
+class CheckpointManager:
+    """Writes, finds, loads and prunes the checkpoints of one run directory."""
+
+    def __init__(self, directory: Path, context: RuntimeContext, keep: int = 2) -> None:
+        self.directory, self.context, self.keep = directory, context, keep
+
+    def _pointer(self, name: str) -> Path | None:
+        path = self.directory / name
+        if not path.is_file():
+            return None
+        target = self.directory / path.read_text().strip()
+        return target if is_complete(target) else None
+
+    @property
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint (the ``latest`` pointer, or a scan if it is missing)."""
+        pointed = self._pointer(LATEST)
+        if pointed is not None:
+            return pointed
+        complete = sorted(p for p in self.directory.glob(f"{PREFIX}*") if is_complete(p))
+        return complete[-1] if complete else None
+
+    @property
+    def best(self) -> Path | None:
+        return self._pointer(BEST)
+
+    def save(self, engine: Engine, state: RunState, is_best: bool = False) -> Path:
+        """Write a checkpoint of ``engine`` and ``state`` at ``state.step`` (every rank calls this)."""
+        name = f"{PREFIX}{state.step:07d}"
+        final, staging = self.directory / name, self.directory / f".tmp-{name}"
+        if self.context.is_main:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+        self.context.barrier()
+        engine.save(staging)
+        torch.save(_rng_state(), staging / f"rng-rank{self.context.rank}.pt")
+        self.context.barrier()
+        if self.context.is_main:
+            (staging / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+            if final.exists():  # re-saving the same step (e.g. after a resume)
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            if is_best:
+                _write_text_atomic(self.directory / BEST, name)
+            _write_text_atomic(self.directory / LATEST, name)
+            self._prune()
+        self.context.barrier()
+        return final
+
+    def _prune(self) -> None:
+        complete = sorted(p for p in self.directory.glob(f"{PREFIX}*") if is_complete(p))
+        protected = {self.best, self.latest}
+        for old in complete[: -self.keep]:
+            if old not in protected:
+                shutil.rmtree(old, ignore_errors=True)
+        for leftover in self.directory.glob(f".tmp-{PREFIX}*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def find_resume(self, resume: str) -> Path | None:
+        """The checkpoint ``run.resume`` asks for: ``auto`` (latest, if any), ``never``, or a path."""
+        if resume == "never":
+            return None
+        if resume == "auto":
+            return self.latest
+        path = Path(resume)
+        if not is_complete(path):
+            raise CheckpointError(f"run.resume={resume!r} is not a complete checkpoint (no {STATE_FILE})")
+        return path
+
+    def load(self, engine: Engine, directory: Path) -> RunState:
+        """Restore ``engine``, this rank's RNG states and the run state from ``directory``."""
+        engine.load(directory)
+        rng = directory / f"rng-rank{self.context.rank}.pt"
+        if rng.is_file():
+            _set_rng_state(torch.load(rng, weights_only=False))
+        return RunState(**json.loads((directory / STATE_FILE).read_text()))

@@ -1,0 +1,274 @@
+"""THE training loop: one function, the same under every launcher, engine and backend.
+
+It sees only the seams: a RuntimeContext (where it runs), an Engine (how a step is taken) and a
+BatchSource (this rank's batches). Hooks are explicit: evaluation, checkpointing and early stopping.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from distributed_ft.config.schema import JobConfig
+from distributed_ft.data.sources import ArrowBatchSource
+from distributed_ft.engine import build_engine
+from distributed_ft.engine.base import Engine
+from distributed_ft.runtime.context import RuntimeContext
+from distributed_ft.runtime.tracking import MetricsLogger, Progress
+from distributed_ft.train.checkpoint import CheckpointManager, RunState
+from distributed_ft.train.evaluate import evaluate
+from distributed_ft.train.job import Job, build_job
+
+log = logging.getLogger("distributed_ft")
+
+
+def improved(metric: str, value: float, best: float | None) -> bool:
+    """Whether ``value`` beats ``best`` (``loss``-like metrics are minimised, the rest maximised)."""
+    if best is None:
+        return True
+    return value < best if "loss" in metric or "perplexity" in metric else value > best
+
+
+class LogWindow:
+    """Loss and token counts since the last log line (tokens are counted across all ranks)."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self.loss_sum, self.batches, self.tokens, self.started = 0.0, 0, 0, time.perf_counter()
+
+    def add(self, loss: float, tokens: int) -> None:
+        self.loss_sum, self.batches, self.tokens = (
+            self.loss_sum + loss,
+            self.batches + 1,
+            self.tokens + tokens,
+        )
+
+    def flush(self) -> dict[str, float]:
+        """Mean micro-batch loss and tokens/s of the window, then start a new one."""
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        record = {"loss": self.loss_sum / max(self.batches, 1), "tokens_per_s": self.tokens / elapsed}
+        self.restart()
+        return record
+
+
+def train(config: JobConfig, context: RuntimeContext, name: str = "job") -> dict[str, Any]:
+    """Train, evaluate, keep the best checkpoint, test it and export it; returns ``results.json``."""
+    job = build_job(config, context, name)
+    config, task, data = job.config, job.task, job.data
+    train_cfg, progress = config.train, Progress(config.run.progress, context)
+    metrics_log = MetricsLogger(job.run_dir, context)
+
+    source = ArrowBatchSource(
+        data.splits["train"].read(),
+        task.collate,
+        train_cfg.batch_size,
+        shuffle=True,
+        group_by_length=config.data.group_by_length,
+        seed=train_cfg.seed,
+        rank=context.rank,
+        world_size=context.world_size,
+    )
+    steps_per_epoch = math.ceil(len(source) / train_cfg.grad_accum)
+    total_steps = train_cfg.max_steps or math.ceil(train_cfg.epochs * steps_per_epoch)
+    if source.dropped_examples:
+        log.info(
+            "train: %d examples per epoch left out so every rank takes equal batches", source.dropped_examples
+        )
+
+    engine = build_engine(config, context)
+    engine.prepare(task.build_model(job.labels), total_steps)
+    checkpoints = CheckpointManager(job.run_dir / "checkpoints", context, keep=train_cfg.keep_checkpoints)
+    state = RunState()
+    resume_from = context.resume_checkpoint() or checkpoints.find_resume(config.run.resume)
+    if resume_from is not None:
+        state = checkpoints.load(engine, resume_from)
+        source.load_state_dict(state.source)
+        log.info(
+            "resumed from %s (step %d, epoch %d, batch %d)",
+            resume_from,
+            state.step,
+            state.epoch,
+            state.source["position"],
+        )
+    log.info(
+        "training %d steps (%d per epoch, %d ranks, engine %s)",
+        total_steps,
+        steps_per_epoch,
+        context.world_size,
+        type(engine).__name__,
+    )
+
+    def run_evaluation() -> None:
+        """Evaluate on validation, track the best, checkpoint, and decide about early stopping."""
+        metrics = evaluate(
+            engine,
+            task,
+            data.splits["validation"].read(),
+            job.labels,
+            context,
+            batch_size=config.eval.batch_size,
+            progress=progress,
+            desc="validation",
+        )
+        evaluated[state.step] = metrics
+        value = metrics[config.eval.metric]
+        is_best = improved(config.eval.metric, value, state.best_metric)
+        if is_best:
+            state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
+        else:
+            state.evals_without_improvement += 1
+        patience = train_cfg.early_stopping_patience
+        state.stopped_early = patience is not None and state.evals_without_improvement >= patience
+        metrics_log.log(
+            "eval",
+            state.step,
+            split="validation",
+            epoch=state.epoch,
+            **{k: v for k, v in metrics.items() if not isinstance(v, dict)},
+        )
+        log.info(
+            "step %d validation %s=%.4f (best %.4f at step %s)",
+            state.step,
+            config.eval.metric,
+            value,
+            state.best_metric,
+            state.best_step,
+        )
+        checkpoints.save(engine, state, is_best=is_best)
+        context.report(
+            {
+                "step": state.step,
+                **{f"validation/{k}": v for k, v in metrics.items() if isinstance(v, int | float)},
+            }
+        )
+
+    has_validation = "validation" in data.splits
+    evaluated: dict[int, dict[str, Any]] = {}
+    window = LogWindow()
+    train_started = time.perf_counter()
+    engine.train(True)
+    while state.step < total_steps and not state.stopped_early:
+        source.set_epoch(state.epoch)
+        for batch in progress.wrap(
+            source, total=len(source), desc=f"epoch {state.epoch}", initial=source.position
+        ):
+            boundary = source.position % train_cfg.grad_accum == 0 or source.position == len(source)
+            outputs = engine.forward(batch, sync_grads=boundary)
+            loss = task.loss(outputs, batch)
+            engine.backward(loss)
+            tokens = int(batch["attention_mask"].sum()) * context.world_size
+            window.add(float(loss.detach()), tokens)
+            state.tokens_seen += tokens
+            if not boundary:
+                continue
+            grad_norm = engine.step()
+            state.step += 1
+            state.source = source.state_dict()
+            if state.step % train_cfg.log_every == 0 or state.step == total_steps:
+                record = {**window.flush(), "lr": engine.lr, "grad_norm": grad_norm, "epoch": state.epoch}
+                metrics_log.log("train", state.step, **record)
+                progress.postfix(loss=record["loss"], lr=record["lr"])
+            if has_validation and train_cfg.eval_every and state.step % train_cfg.eval_every == 0:
+                run_evaluation()
+                window.restart()
+            elif train_cfg.save_every and state.step % train_cfg.save_every == 0:
+                checkpoints.save(engine, state)
+                window.restart()
+            if state.step >= total_steps or state.stopped_early:
+                break
+        else:  # the epoch ran to its end
+            state.epoch += 1
+            source.set_epoch(state.epoch)
+            state.source = source.state_dict()
+            if has_validation and train_cfg.eval_each_epoch and state.step not in evaluated:
+                run_evaluation()
+    if has_validation and state.step not in evaluated:  # the final weights compete for "best" too
+        run_evaluation()
+    train_seconds = time.perf_counter() - train_started
+    if state.stopped_early:
+        log.info(
+            "early stopping at step %d: no improvement in %d evaluations",
+            state.step,
+            train_cfg.early_stopping_patience,
+        )
+    if not has_validation:
+        checkpoints.save(engine, state)
+    return finish(job, engine, checkpoints, state, evaluated, train_seconds, metrics_log, progress, context)
+
+
+def finish(
+    job: Job,
+    engine: Engine,
+    checkpoints: CheckpointManager,
+    state: RunState,
+    evaluated: dict[int, dict[str, Any]],
+    train_seconds: float,
+    metrics_log: MetricsLogger,
+    progress: Progress,
+    context: RuntimeContext,
+) -> dict[str, Any]:
+    """Reload the best checkpoint, score validation and test, export, and write ``results.json``."""
+    config, task, data = job.config, job.task, job.data
+    best = checkpoints.best
+    if best is not None and state.best_step != state.step:
+        log.info("loading the best checkpoint %s", best)
+        checkpoints.load(engine, best)
+    results: dict[str, Any] = {
+        "task": task.name,
+        "steps": state.step,
+        "epochs_completed": state.epoch,
+        "best_step": state.best_step,
+        "stopped_early": state.stopped_early,
+        "train_seconds": round(train_seconds, 2),
+        "tokens_seen": state.tokens_seen,
+        "world_size": context.world_size,
+    }
+    for split, key in (("validation", "dev"), ("test", "test")):
+        if split == "validation" and state.best_step in evaluated:
+            results[key] = evaluated[state.best_step]
+        elif split in data.splits:
+            metrics = evaluate(
+                engine,
+                task,
+                data.splits[split].read(),
+                job.labels,
+                context,
+                batch_size=config.eval.batch_size,
+                progress=progress,
+                desc=split,
+            )
+            results[key] = metrics
+            metrics_log.log(
+                "final",
+                state.step,
+                split=split,
+                **{k: v for k, v in metrics.items() if not isinstance(v, dict)},
+            )
+    export_dir = job.run_dir / "export"
+    engine.export(export_dir)
+    if context.is_main:
+        job.tokenizer.save_pretrained(export_dir)
+        results["export"] = str(export_dir)
+        (job.run_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    metrics_log.close()
+    context.report({"step": state.step, "done": True})
+    return results
+
+
+def results_summary(results: dict[str, Any], run_dir: Path, format_report) -> str:
+    """The closing text a user reads: the report of the test (else dev) split and where things are."""
+    split = "test" if "test" in results else "dev" if "dev" in results else None
+    lines = []
+    if split:
+        lines += [f"\n{split} set:", format_report(results[split])]
+    lines += [
+        f"\nrun directory: {run_dir}",
+        f"exported model: {results.get('export', Path(run_dir) / 'export')}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,105 @@
+"""``dft evaluate`` and ``dft predict``: score or apply a trained model (a run directory or a model dir)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distributed_ft.config.load import apply_override, validate
+from distributed_ft.config.schema import JobConfig
+from distributed_ft.data.sources import ArrowBatchSource
+from distributed_ft.engine.torch_engine import inference_engine
+from distributed_ft.errors import ConfigError
+from distributed_ft.modeling.build import load_tokenizer, load_trained
+from distributed_ft.runtime.context import RuntimeContext
+from distributed_ft.runtime.tracking import Progress
+from distributed_ft.tasks import get_task
+from distributed_ft.train.evaluate import evaluate
+from distributed_ft.train.job import prepare_data_once
+
+log = logging.getLogger("distributed_ft")
+
+
+def locate_model(path: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Path, JobConfig]:
+    """The model directory and job config of a run directory (``config.yaml`` + ``export/``) or model dir."""
+    root = Path(path)
+    if (root / "config.yaml").is_file() and (root / "export").is_dir():
+        raw = yaml.safe_load((root / "config.yaml").read_text())
+        model_dir = root / "export"
+    elif (root / "config.json").is_file():
+        raw, model_dir = {}, root
+    else:
+        raise ConfigError(
+            f"{path!r} is neither a run directory (config.yaml + export/) nor a model directory (config.json)"
+        )
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return model_dir, validate(raw)
+
+
+def evaluate_model(
+    path: str, overrides: list[str] | tuple[str, ...], context: RuntimeContext
+) -> dict[str, Any]:
+    """Metrics of a trained model on ``data.test`` (default: the run's own test file)."""
+    model_dir, config = locate_model(path, overrides)
+    if not config.data.test:
+        raise ConfigError("no test data: pass data.test=FILE")
+    task = get_task(config)
+    model = load_trained(config.task, str(model_dir))
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    tokenizer = load_tokenizer(str(model_dir))
+    data = prepare_data_once(task, tokenizer, {"test": config.data.test}, labels, context)
+    engine = inference_engine(model, config, context)
+    progress = Progress(config.run.progress, context)
+    return evaluate(
+        engine,
+        task,
+        data.splits["test"].read(),
+        labels,
+        context,
+        batch_size=config.eval.batch_size,
+        progress=progress,
+        desc="test",
+    )
+
+
+def predict_file(
+    path: str,
+    input_path: str,
+    input_format: str,
+    output_path: str | None,
+    context: RuntimeContext,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> int:
+    """Predict every example of ``input_path``; writes to ``output_path`` (stdout when ``None``).
+
+    Returns:
+        The number of examples predicted.
+    """
+    model_dir, config = locate_model(path, overrides)
+    task = get_task(config)
+    model = load_trained(config.task, str(model_dir))
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    tokenizer = load_tokenizer(str(model_dir))
+    task.pad_token_id = tokenizer.pad_token_id or 0
+    inputs = task.read_unlabeled(input_path, input_format, tokenizer)
+    encoded = task.encode_unlabeled(inputs, tokenizer)
+    engine = inference_engine(model, config, context)
+    source = ArrowBatchSource(
+        encoded, lambda rows: task.collate(rows, with_meta=True), config.eval.batch_size, shuffle=False
+    )
+    predictions: dict[int, Any] = {}
+    progress = Progress(config.run.progress, context)
+    engine.train(False)
+    import torch
+
+    with torch.no_grad():
+        for batch in progress.wrap(iter(source), total=len(source), desc="predict"):
+            meta = batch.pop("meta")
+            outputs = engine.forward(batch)
+            predictions.update(task.predictions(outputs, {**batch, "meta": meta}))
+    task.write_predictions(inputs, predictions, labels, output_path, input_format)
+    return len(predictions)
