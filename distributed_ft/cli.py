@@ -37,6 +37,16 @@ def _job_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _job_source(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """Source and overrides; ``dft train key=value`` (no source) means the default recipe."""
+    source, overrides = args.source, list(args.overrides)
+    if source is not None and "=" in source and not os.path.exists(source):
+        source, overrides = None, [source, *overrides]
+    if getattr(args, "quiet", False):
+        overrides.append("run.progress=false")
+    return source, overrides
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``dft`` argument parser with all its sub-commands."""
     parser = argparse.ArgumentParser(
@@ -110,6 +120,7 @@ def _quiet_libraries(verbose: bool) -> None:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -117,8 +128,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """``dft train``: run a job locally, under a launcher, or on Ray."""
     from distributed_ft.config import load_config
 
-    overrides = [*args.overrides, *(["run.progress=false"] if args.quiet else [])]
-    config, name = load_config(args.source, overrides)
+    config, name = load_config(*_job_source(args))
     if config.run.backend == "ray":
         from distributed_ft.backends.ray_train import train_on_ray
 
@@ -191,7 +201,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     from distributed_ft.tasks import get_task
     from distributed_ft.train.job import data_splits, prepare_data_once
 
-    config, _ = load_config(args.source, args.overrides)
+    config, _ = load_config(*_job_source(args))
     context, setup_logging = _context()
     setup_logging(context, args.verbose)
     tokenizer = load_tokenizer(config.model.name, config.model.revision)
@@ -207,7 +217,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.config_command == "recipes":
         print("\n".join(recipe_names()))
         return 0
-    config, _ = load_config(args.source, args.overrides)
+    config, _ = load_config(*_job_source(args))
     print(dump_config(config), end="")
     return 0
 
@@ -217,7 +227,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from distributed_ft.config import load_config
     from distributed_ft.planning import plan_job
 
-    config, _ = load_config(args.source, args.overrides)
+    config, _ = load_config(*_job_source(args))
     report = plan_job(
         config,
         num_train_tokens=int(args.tokens) if args.tokens else None,

@@ -43,6 +43,9 @@ class DataConfig(_Section):
     """Sub-word tokens per example; longer examples are truncated and the count is reported."""
     max_train_samples: int | None = Field(None, ge=1)
     max_eval_samples: int | None = Field(None, ge=1)
+    """Validation examples used during training (the first N)."""
+    max_test_samples: int | None = Field(None, ge=1)
+    """Test examples scored at the end (default: all of them)."""
     tokens_column: str = "tokens"
     """Column (JSONL/CSV/Parquet) holding the list of words of a sentence."""
     tags_column: str = "tags"

@@ -45,7 +45,10 @@ def hash_files(pattern: str) -> str:
 
 def hash_tokenizer(tokenizer: Any) -> str:
     """A digest of a fast tokenizer's full definition (vocabulary, normaliser, special tokens)."""
-    definition = tokenizer.backend_tokenizer.to_str()
+    definition = json.loads(tokenizer.backend_tokenizer.to_str())
+    for call_state in ("truncation", "padding"):  # set by the last call, not part of the definition
+        definition.pop(call_state, None)
+    definition = json.dumps(definition, sort_keys=True)
     extra = json.dumps({"special": tokenizer.all_special_tokens, "pad": tokenizer.pad_token_id})
     return hashlib.sha256((definition + extra).encode()).hexdigest()
 

@@ -147,7 +147,9 @@ class TokenClassificationTask:
 
     def _limit(self, table: pa.Table, split: str) -> pa.Table:
         data = self.config.data
-        limit = data.max_train_samples if split == "train" else data.max_eval_samples
+        limit = {"train": data.max_train_samples, "validation": data.max_eval_samples}.get(
+            split, data.max_test_samples
+        )
         return table.slice(0, limit) if limit else table
 
     def prepare_data(
@@ -176,7 +178,7 @@ class TokenClassificationTask:
                 "label_all_subtokens": data.label_all_subtokens,
                 "reader": [data.format, data.tokens_column, data.tags_column, data.conll_tag_column],
                 "scheme": data.tag_scheme,
-                "limits": [data.max_train_samples, data.max_eval_samples],
+                "limits": [data.max_train_samples, data.max_eval_samples, data.max_test_samples],
             }
         )
         encoders = [

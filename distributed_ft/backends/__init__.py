@@ -1,0 +1,1 @@
+"""Orchestration backends (Ray Train); the only place that imports ray."""
