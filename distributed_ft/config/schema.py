@@ -37,8 +37,9 @@ class DataConfig(_Section):
     """Training file (path, glob or ``builtin:NAME``)."""
     validation: str | None = None
     test: str | None = None
-    format: Literal["auto", "conll", "jsonl", "csv", "parquet"] = "auto"
-    """File format; ``auto`` picks it from the file extension."""
+    format: Literal["auto", "conll", "jsonl", "csv", "parquet", "folder"] = "auto"
+    """File format; ``auto`` picks it from the file extension (a directory is read as ``folder``:
+    one sub-folder per class, one text file per example; sequence classification only)."""
     max_length: int = Field(256, ge=8)
     """Sub-word tokens per example; longer examples are truncated and the count is reported."""
     max_train_samples: int | None = Field(None, ge=1)
@@ -51,7 +52,35 @@ class DataConfig(_Section):
     tags_column: str = "tags"
     """Column holding the list of word tags."""
     text_column: str = "text"
+    """sequence_classification: column holding the text."""
+    text_pair_column: str | None = None
+    """sequence_classification: column holding the second text of a pair (e.g. NLI hypothesis)."""
     label_column: str = "label"
+    """sequence_classification: column holding the label (multi-label: a list, or see ``label_delimiter``)."""
+    multi_label: bool = False
+    """sequence_classification: each example has any number of labels (sigmoid per class)."""
+    label_delimiter: str | None = None
+    """Multi-label labels written in one string, split at this delimiter (e.g. ``|``)."""
+    class_weights: Literal["none", "balanced"] = "none"
+    """``balanced`` weights the loss by inverse class frequency of the training set (multi-label: a
+    positive weight per class, negatives/positives)."""
+    entity_markers: bool | list[str] = False
+    """Relation classification: marker tokens added to the tokenizer (``true``: ``[E1]`` ``[/E1]``
+    ``[E2]`` ``[/E2]``); each text must contain every marker once."""
+    prompt_column: str = "prompt"
+    """causal_lm: column holding the prompt (instruction) of a prompt/response record."""
+    response_column: str = "response"
+    """causal_lm: column holding the response the model learns to produce."""
+    messages_column: str = "messages"
+    """causal_lm: column holding a chat (a list of ``role``/``content`` objects); loss on assistant turns."""
+    chat_template: Literal["auto", "plain"] = "auto"
+    """causal_lm: ``auto`` uses the tokenizer's chat template when it has one, else the plain template."""
+    packing: bool = True
+    """causal_lm: pack training examples into rows of ``max_length`` tokens (no attention across them)."""
+    max_new_tokens: int = Field(64, ge=1)
+    """causal_lm: tokens generated per prompt (``dft predict`` and evaluation samples)."""
+    generate_samples: int = Field(0, ge=0)
+    """causal_lm: generate responses for the first N evaluation prompts and keep them in the results."""
     conll_tag_column: int = -1
     """Which whitespace-separated CoNLL column holds the tag (0-based; -1 is the last)."""
     tag_scheme: Literal["auto", "iob1", "iob2", "iobes"] = "auto"
@@ -112,10 +141,42 @@ class PeftConfig(_Section):
     """``peft.*``: parameter-efficient fine-tuning (LoRA and friends)."""
 
     method: Literal["none", "lora", "ia3", "prompt_tuning", "prefix_tuning", "freeze"] = "none"
+    """``none`` trains every weight; ``freeze`` trains the head (and ``train_top_k_layers``) only; the
+    others train PEFT adapters plus the task head (see ``distributed_ft/modeling/PEFT.md``)."""
     r: int = Field(8, ge=1)
+    """lora: rank of the A (r x in) and B (out x r) matrices."""
     alpha: int = Field(16, ge=1)
+    """lora: scaling numerator (``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``)."""
     dropout: float = Field(0.05, ge=0, lt=1)
+    """lora: dropout on the adapter input."""
     target_modules: list[str] | None = None
+    """lora/ia3: module names to adapt (a name matches a module whose dotted path ends with it, e.g.
+    ``query`` or ``attention.output.dense``); default: chosen per architecture (BERT: query, value)."""
+    use_dora: bool = False
+    """lora: DoRA, weight-decomposed LoRA (adds a magnitude vector per adapted module)."""
+    use_rslora: bool = False
+    """lora: rank-stabilised scaling ``alpha / sqrt(r)``."""
+    feedforward_modules: list[str] | None = None
+    """ia3: which of the targets are feed-forward layers (scaled at their input, not output); default
+    per architecture when ``target_modules`` is not set, else none."""
+    num_virtual_tokens: int = Field(20, ge=1)
+    """prompt_tuning/prefix_tuning: learned virtual tokens (prompt: input embeddings; prefix: keys and
+    values in every layer)."""
+    train_top_k_layers: int = Field(0, ge=0)
+    """freeze: also train the top k transformer layers and everything above them (final norm, pooler);
+    0 trains the task head only."""
+    modules_to_save: list[str] | None = None
+    """Extra modules trained in full and saved with the adapter (the task head always is)."""
+
+    @model_validator(mode="after")
+    def _check_method_options(self) -> PeftConfig:
+        if (self.use_dora or self.use_rslora) and self.method != "lora":
+            raise ValueError("peft.use_dora / peft.use_rslora need peft.method=lora")
+        if self.train_top_k_layers and self.method != "freeze":
+            raise ValueError("peft.train_top_k_layers needs peft.method=freeze")
+        if self.feedforward_modules is not None and self.method != "ia3":
+            raise ValueError("peft.feedforward_modules needs peft.method=ia3")
+        return self
 
 
 class DeepSpeedConfig(_Section):
@@ -143,6 +204,14 @@ class RunConfig(_Section):
     """Show progress bars (rank 0 only)."""
     num_threads: int | None = Field(None, ge=1)
     """torch intra-op threads per process (default: torch's choice)."""
+    storage_path: str | None = None
+    """Ray: where checkpoints persist (local path or a pyarrow URI such as s3://...; default run_dir/ray)."""
+    max_failures: int = Field(3, ge=-1)
+    """Ray: worker-group restarts from the last checkpoint before the job fails (-1: unlimited)."""
+    resources_per_worker: dict[str, float] | None = None
+    """Ray: resources each worker reserves, e.g. {CPU: 8, GPU: 1}."""
+    ray_run_name: str | None = None
+    """Ray: the run name under ``storage_path`` (default: the run directory's name)."""
 
 
 class ClusterConfig(_Section):

@@ -96,29 +96,44 @@ class CheckpointManager:
     def best(self) -> Path | None:
         return self._pointer(BEST)
 
-    def save(self, engine: Engine, state: RunState, is_best: bool = False) -> Path:
-        """Write a checkpoint of ``engine`` and ``state`` at ``state.step`` (every rank calls this)."""
+    def save(
+        self, engine: Engine, state: RunState, is_best: bool = False, metrics: dict[str, Any] | None = None
+    ) -> Path:
+        """Write a checkpoint of ``engine`` and ``state`` at ``state.step`` (every rank calls this).
+
+        The finished checkpoint is also handed to the orchestrator (``context.report``) with ``metrics``;
+        one rank per node reports the directory, so shards on node-local disks are all persisted.
+        """
         name = f"{PREFIX}{state.step:07d}"
         final, staging = self.directory / name, self.directory / f".tmp-{name}"
-        if self.context.is_main:
+        if self.context.local_rank == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir()
+            staging.mkdir(exist_ok=True)
         self.context.barrier()
         engine.save(staging)
         torch.save(_rng_state(), staging / f"rng-rank{self.context.rank}.pt")
         self.context.barrier()
         if self.context.is_main:
-            (staging / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
-            if final.exists():  # re-saving the same step (e.g. after a resume)
-                shutil.rmtree(final)
-            os.replace(staging, final)
-            if is_best:
-                _write_text_atomic(self.directory / BEST, name)
-            _write_text_atomic(self.directory / LATEST, name)
-            self._prune()
+            self._finalize(staging, final, state, is_best)
         self.context.barrier()
+        if self.context.local_rank == 0 and staging.exists():  # another node, with its own disk
+            self._finalize(staging, final, state, is_best)
+        self.context.report(
+            {"step": state.step, **(metrics or {})}, final if self.context.local_rank == 0 else None
+        )
         return final
+
+    def _finalize(self, staging: Path, final: Path, state: RunState, is_best: bool) -> None:
+        """Make a fully written staging directory the checkpoint, then move the pointers."""
+        (staging / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+        if final.exists():  # re-saving the same step (e.g. after a resume)
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        if is_best:
+            _write_text_atomic(self.directory / BEST, final.name)
+        _write_text_atomic(self.directory / LATEST, final.name)
+        self._prune()
 
     def _prune(self) -> None:
         complete = sorted(p for p in self.directory.glob(f"{PREFIX}*") if is_complete(p))

@@ -76,8 +76,13 @@ def prepare_data_once(
     return prepared
 
 
-def build_job(config: JobConfig, context: RuntimeContext, name: str) -> Job:
-    """Create the run directory, write the resolved config, load the tokenizer and prepare the data."""
+def build_job(
+    config: JobConfig, context: RuntimeContext, name: str, data: PreparedDataset | None = None
+) -> Job:
+    """Create the run directory, write the resolved config, load the tokenizer and prepare the data.
+
+    ``data`` is given when an orchestrator (Ray) has prepared and delivers the data itself.
+    """
     run_dir = resolve_run_dir(config, name, context)
     config = config.model_copy(update={"run": config.run.model_copy(update={"output_dir": str(run_dir)})})
     if context.is_main:
@@ -86,7 +91,8 @@ def build_job(config: JobConfig, context: RuntimeContext, name: str) -> Job:
     set_seed(config.train.seed)
     tokenizer = load_tokenizer(config.model.name, config.model.revision)
     task = get_task(config)
-    data = prepare_data_once(task, tokenizer, data_splits(config), None, context)
+    if data is None:
+        data = prepare_data_once(task, tokenizer, data_splits(config), None, context)
     if context.is_main and data.labels is not None:
         (run_dir / "labels.json").write_text(json.dumps(data.labels))
     return Job(config, run_dir, tokenizer, task, data)
