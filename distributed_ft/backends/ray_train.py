@@ -92,10 +92,10 @@ class RaySplit(PreparedSplit):
 
 def train_worker(payload: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker: run the library's loop with a :class:`RayContext`."""
+    import transformers
+
     from distributed_ft.runtime.tracking import setup_logging
     from distributed_ft.train.loop import train
-
-    import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

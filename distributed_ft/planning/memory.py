@@ -39,15 +39,18 @@ def state_bytes_per_rank(
     precision: str,
     *,
     partition_frozen_params: bool = True,
+    grads_after_reduction: bool = False,
+    persistent_params: int = 0,
 ) -> dict[str, int]:
-    """Bytes of parameters, gradients and optimizer states (AdamW) one data-parallel rank holds.
+    """Bytes of parameters, gradients and optimizer states (AdamW) one data-parallel rank holds at its peak.
 
     ZeRO (Rajbhandari et al. 2020): stage 1 partitions optimizer states, stage 2 also gradients, stage 3
     also parameters, each ``/ world_size``. Mixed precision (``bf16``/``fp16``) is 2 bytes weights, 2 bytes
     gradients and K=12 bytes of optimizer state (fp32 master, momentum, variance). ``fp32`` is 4 + 4 + 8,
-    except that DeepSpeed stages 1-2 clone the fp32 partition they update (4 more bytes per trainable
-    element, counted as optimizer state); stage 3 updates its fp32 partition in place. ``*-pure`` is
-    torch-only 16-bit training without masters (2 + 2 + 4). Frozen parameters get no gradients or states.
+    except that DeepSpeed (stages 1-3) updates a cloned fp32 flat partition: 4 more bytes per trainable
+    element and rank, counted as optimizer state. ``*-pure`` is torch-only 16-bit training without masters
+    (2 + 2 + 4). Frozen parameters get no gradients or states. Partitions are rounded up (ZeRO pads flat
+    buffers to a multiple of the world size; the difference is negligible).
 
     Args:
         param_count_total: All stored parameters (frozen ones included).
@@ -56,6 +59,10 @@ def state_bytes_per_rank(
         zero_stage: 0-3.
         precision: ``fp32``, ``bf16``, ``fp16``, ``bf16-pure`` or ``fp16-pure``.
         partition_frozen_params: Whether ZeRO-3 also partitions the frozen base weights.
+        grads_after_reduction: Stage 1 holds full gradients through the backward pass (the peak) and only
+            its partition once they are reduced; ``True`` returns the latter.
+        persistent_params: Parameters ZeRO-3 keeps whole on every rank besides their partition (tensors
+            below ``stage3_param_persistence_threshold``; see :meth:`ModelShape.params_below`).
 
     Returns:
         ``{"parameters": int, "gradients": int, "optimizer_states": int}`` in bytes.
@@ -69,15 +76,16 @@ def state_bytes_per_rank(
     if precision.endswith("-pure") and zero_stage > 0:
         raise ConfigError("pure 16-bit states without fp32 masters exist only at zero_stage 0 (torch engine)")
     weight, grad, master, adam = STATE_BYTES[precision]
-    if precision == "fp32" and zero_stage in (1, 2):
+    if precision == "fp32" and zero_stage > 0:
         master = 4
     frozen = param_count_total - trainable
     if zero_stage < 3:
         parameters = weight * param_count_total
     else:
         frozen_held = _shard(frozen, world_size) if partition_frozen_params else frozen
-        parameters = weight * (_shard(trainable, world_size) + frozen_held)
-    gradients = grad * (trainable if zero_stage < 2 else _shard(trainable, world_size))
+        parameters = weight * (_shard(trainable, world_size) + frozen_held + persistent_params)
+    full_grads = zero_stage == 0 or (zero_stage == 1 and not grads_after_reduction)
+    gradients = grad * (trainable if full_grads else _shard(trainable, world_size))
     optimizer = (master + adam) * (trainable if zero_stage == 0 else _shard(trainable, world_size))
     return {"parameters": parameters, "gradients": gradients, "optimizer_states": optimizer}
 
@@ -88,31 +96,51 @@ def activation_bytes(
     micro_batch: int,
     *,
     compute_bytes: int = 2,
+    mask_bytes: int = 1,
+    autocast: bool = False,
     gradient_checkpointing: bool = False,
     flash_attention: bool = False,
     task: str = "token_classification",
+    frozen_base: bool = False,
+    adapter_inputs: int = 0,
 ) -> int:
-    """Activations saved for the backward pass on one rank.
+    """Activations saved for the backward pass on one rank (bytes).
 
-    Per layer (Korthikanti et al. 2022, 16-bit): ``s b h (34 + 5 a s / h)`` bytes. Written for element size
-    ``e`` and MLP width ``I``: ``s b [(8e + 2) h + 2e I] + (2e + 1) a s^2 b``; the ``+2``/``+1`` are the
-    1-byte dropout masks; a gated MLP (SwiGLU) saves ``4e I`` instead of ``2e I``. With ``I = 4h``, ``e = 2``
-    this is exactly ``34 s b h + 5 a s^2 b``. Fused (flash) attention keeps no ``s^2`` matrices. With
-    gradient checkpointing only each layer's input (``e s b h``) is kept, plus one layer recomputed at a
-    time. The head adds its logits, an fp32 copy, fp32 log-probabilities and their gradient.
+    Per layer, Korthikanti et al. 2022 count ``s b h (34 + 5 a s / h)`` bytes in 16-bit. Written per saved
+    tensor with element size ``e``, dropout-mask size ``m`` and MLP width ``I`` (see README): ``s b h`` times
+    ``6e`` (QKV input, Q, K, V, out-projection input, MLP input) ``+ 2 norm + 2m``, plus ``2e s b I`` (the
+    activation's input and the down-projection input; ``4e`` for a gated MLP), plus
+    ``a s^2 b (softmax + m + e)``. With ``I = 4h``, ``e = 2``, ``m = 1`` and LayerNorm this is exactly
+    Korthikanti's formula. Dropout terms vanish for models without dropout; fused (flash) attention keeps no
+    ``s^2`` tensors. Under autocast, norms and softmax save fp32 and each projection saves its own 16-bit
+    copy of a shared input. RMSNorm (HF) saves its input and the normalized fp32 tensor; llama-style eager
+    attention saves an fp32 softmax. With gradient checkpointing only each layer's input (``e s b h``) is
+    kept, plus one layer being recomputed. The head adds its input, the returned logits, fp32
+    log-probabilities and their gradient. A frozen base (PEFT) does not save the inputs of the
+    out-projection and the two MLP projections (``e (2h + I)``); ``adapter_inputs`` is the summed input
+    width of the adapted modules of one layer whose LoRA dropout saves a mask and a dropped copy.
     """
-    s, b, h, e = seq_len, micro_batch, shape.hidden_size, compute_bytes
-    mlp = (4 if shape.gated_mlp else 2) * e * shape.intermediate_size
-    per_token = (8 * e + 2) * h + mlp
-    scores = 4 * shape.num_heads if flash_attention else (2 * e + 1) * shape.num_heads * s
-    layer = s * b * (per_token + scores)
-    if gradient_checkpointing:
-        body = shape.num_layers * e * s * b * h + layer
+    s, b, h, a, e, m = seq_len, micro_batch, shape.hidden_size, shape.num_heads, compute_bytes, mask_bytes
+    wide = 4 if autocast else e  # dtype of norm and softmax outputs
+    rms = shape.norm == "rmsnorm"
+    norm = wide + (4 if rms else 0)
+    softmax = (4 if rms or autocast else e) + (e if (rms or autocast) and e < 4 else 0)
+    hidden_mask = 2 * m if shape.hidden_dropout else 0
+    input_copies = 3 if autocast and shape.gated_mlp else 0
+    mlp = (shape.act_saved + (3 if shape.gated_mlp else 1)) * e * shape.intermediate_size
+    per_token = e * (6 + input_copies) * h + (2 * norm + hidden_mask) * h + mlp
+    if frozen_base:
+        per_token += (e + m) * adapter_inputs - e * (2 * h + shape.intermediate_size)
+    if flash_attention:
+        per_token += 4 * a  # softmax statistics (log-sum-exp) per head
     else:
-        body = shape.num_layers * layer
+        per_token += a * s * (softmax + (m + e if shape.attention_dropout else 0))
+    layer = s * b * per_token
+    kept = e * s * b * h if gradient_checkpointing else layer
+    body = shape.num_layers * kept + (layer if gradient_checkpointing else 0)
     head_tokens = b if task == "sequence_classification" else s * b
-    head = head_tokens * shape.output_size * (e + 8 + (4 if e < 4 else 0))
-    edges = s * b * h * (1 + e)  # embedding dropout mask, final-norm input
+    head = head_tokens * (e * h + (e + 8) * shape.output_size)
+    edges = s * b * h * (2 * e + (2 * m if shape.hidden_dropout else 0))  # embedding norm, final norm, masks
     return body + head + edges
 
 
@@ -129,6 +157,7 @@ class BufferModel:
         overlap_comm: DeepSpeed ``overlap_comm`` (doubles the ZeRO-1/2 gradient bucket).
         ddp_bucket_view: DDP ``gradient_as_bucket_view`` (otherwise buckets copy every gradient).
         host_process_bytes: Host RAM of one training process (Python, torch, CUDA host libraries).
+        persistence_threshold: DeepSpeed ``stage3_param_persistence_threshold`` (smaller tensors stay whole).
     """
 
     context_bytes: int | None = None
@@ -139,6 +168,7 @@ class BufferModel:
     overlap_comm: bool = False
     ddp_bucket_view: bool = False
     host_process_bytes: int = 3 * GiB
+    persistence_threshold: int = 100_000
 
 
 @dataclass(frozen=True)
@@ -222,7 +252,13 @@ def estimate_memory(
     world, stage, precision = setup.world_size, setup.stage, setup.precision
     trainable, stored = setup.trainable_params(shape), setup.stored_params(shape)
     states = state_bytes_per_rank(
-        stored, trainable, world, stage, precision, partition_frozen_params=setup.partition_frozen_params
+        stored,
+        trainable,
+        world,
+        stage,
+        precision,
+        partition_frozen_params=setup.partition_frozen_params,
+        persistent_params=setup.persistent_params(shape, bm.persistence_threshold) if stage == 3 else 0,
     )
     params, grads, optim = states["parameters"], states["gradients"], states["optimizer_states"]
     weight_b, grad_b = STATE_BYTES[precision][:2]
@@ -230,24 +266,27 @@ def estimate_memory(
     host_p = host_g = host_o = pinned = 0
     if setup.offload_optimizer:
         host_o, optim = optim, 0
-        if stage == 3 and precision == "fp32":
-            host_o += 4 * part  # the offloaded fp32 partition is a copy, not the parameter partition
         host_g = 4 * part  # fp32 gradient partition the CPU optimizer reads
         if stage >= 2:
             grads = 0
         else:
             pinned = weight_b * part  # staging buffer for the updated partition
-    if setup.offload_param:
-        host_p, params = params, 0
+    if setup.offload_param:  # persistent parameters stay on the device
+        persistent = setup.persistent_params(shape, bm.persistence_threshold) * weight_b
+        host_p, params = params - persistent, persistent
 
     act = activation_bytes(
         shape,
         setup.seq_len,
         b,
         compute_bytes=setup.compute_bytes,
+        mask_bytes=setup.mask_bytes,
+        autocast=setup.mixed_precision != "no" and setup.model_dtype == "float32",
         gradient_checkpointing=setup.gradient_checkpointing,
         flash_attention=setup.flash_attention,
         task=setup.task,
+        frozen_base=not setup.full_finetune,
+        adapter_inputs=setup.adapter_dropout_inputs(shape),
     )
     extra = bm.context_bytes if bm.context_bytes is not None else context_bytes
     if world > 1:

@@ -7,10 +7,8 @@ counts, no memory), from a local directory holding only ``config.json``, or from
 from __future__ import annotations
 
 import copy
-import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from distributed_ft.errors import ConfigError
@@ -27,33 +25,16 @@ BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 512,
         "type_vocab_size": 2,
     },
-}
-
-# PEFT's default LoRA targets per architecture (used when ``peft.target_modules`` is not set).
-DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {
-    "bert": ("query", "value"),
-    "roberta": ("query", "value"),
-    "xlm-roberta": ("query", "value"),
-    "electra": ("query", "value"),
-    "distilbert": ("q_lin", "v_lin"),
-    "deberta": ("in_proj",),
-    "deberta-v2": ("query_proj", "value_proj"),
-    "mpnet": ("q", "v"),
-    "t5": ("q", "v"),
-    "gpt2": ("c_attn",),
-    "gpt_neox": ("query_key_value",),
-    "bloom": ("query_key_value",),
-    "falcon": ("query_key_value",),
-    "opt": ("q_proj", "v_proj"),
-    "llama": ("q_proj", "v_proj"),
-    "mistral": ("q_proj", "v_proj"),
-    "mixtral": ("q_proj", "v_proj"),
-    "qwen2": ("q_proj", "v_proj"),
-    "qwen3": ("q_proj", "v_proj"),
-    "gemma": ("q_proj", "v_proj"),
-    "gemma2": ("q_proj", "v_proj"),
-    "phi": ("q_proj", "v_proj"),
-    "phi3": ("qkv_proj",),
+    "smollm2-135m": {
+        "model_type": "llama",
+        "hidden_size": 576,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "intermediate_size": 1536,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+    },
 }
 
 _TASK_AUTO_CLASS = {
@@ -97,7 +78,22 @@ class ModelShape:
     output_size: int
     matmul_params: int
     gated_mlp: bool = False
-    modules: tuple[ModuleSpec, ...] = ()
+    num_kv_heads: int = 0
+    norm: str = "layernorm"
+    hidden_dropout: bool = True
+    attention_dropout: bool = True
+    act_saved: int = 1
+    modules: tuple[ModuleSpec, ...] = field(default=(), repr=False)
+    tensor_sizes: tuple[int, ...] = field(default=(), repr=False)
+
+    def params_below(self, threshold: int) -> int:
+        """Parameters in tensors of fewer than ``threshold`` elements (DeepSpeed keeps these whole)."""
+        return sum(n for n in self.tensor_sizes if n < threshold)
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (fewer than ``num_heads`` with grouped-query attention)."""
+        return self.num_kv_heads or self.num_heads
 
     @property
     def params_per_layer(self) -> int:
@@ -122,6 +118,11 @@ class ModelShape:
             "output_size": self.output_size,
             "matmul_params": self.matmul_params,
             "gated_mlp": self.gated_mlp,
+            "num_kv_heads": self.kv_heads,
+            "norm": self.norm,
+            "hidden_dropout": self.hidden_dropout,
+            "attention_dropout": self.attention_dropout,
+            "act_saved": self.act_saved,
         }
 
 
@@ -179,11 +180,15 @@ def shape_from_config(
     if num_labels is not None and task != "causal_lm":
         cfg.num_labels = num_labels
     auto_cls = getattr(transformers, _TASK_AUTO_CLASS[task])
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # building a head-only model is expected to warn
     try:
         with torch.device("meta"):
             model = auto_cls.from_config(cfg)
     except ValueError as exc:
         raise ConfigError(f"model type {cfg.model_type!r} has no {task} head in transformers: {exc}") from exc
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     return _shape_from_module(model, cfg, task, name or getattr(cfg, "name_or_path", "") or cfg.model_type)
 
 
@@ -247,6 +252,7 @@ def _shape_from_module(model: Any, cfg: Any, task: str, name: str) -> ModelShape
 
     names = " ".join(m.name for m in modules)
     gated = "gate_proj" in names or "gate_up_proj" in names or ".w3" in names
+    rms = any("RMSNorm" in type(m).__name__ for m in model.modules())
     num_labels = int(getattr(cfg, "num_labels", 2))
     return ModelShape(
         name=name,
@@ -264,12 +270,37 @@ def _shape_from_module(model: Any, cfg: Any, task: str, name: str) -> ModelShape
         output_size=vocab if task == "causal_lm" else num_labels,
         matmul_params=matmul,
         gated_mlp=gated,
+        num_kv_heads=_first_attr(cfg, ("num_key_value_heads", "num_kv_heads", "n_head_kv"), heads) or heads,
+        norm="rmsnorm" if rms else "layernorm",
+        hidden_dropout=_has_dropout(cfg, _HIDDEN_DROPOUT),
+        attention_dropout=_has_dropout(cfg, _ATTENTION_DROPOUT),
+        act_saved=_ACT_SAVED.get(str(getattr(cfg, "hidden_act", getattr(cfg, "activation_function", ""))), 1),
         modules=tuple(modules),
+        tensor_sizes=tuple(sorted(p.numel() for p in model.parameters())),
     )
 
 
+_HIDDEN_DROPOUT = ("hidden_dropout_prob", "resid_pdrop", "hidden_dropout", "dropout", "residual_dropout")
+_ATTENTION_DROPOUT = (
+    "attention_probs_dropout_prob",
+    "attn_pdrop",
+    "attention_dropout",
+    "attention_probs_dropout",
+)
+
+
+# Width-I tensors an activation saves for backward: fused kernels keep their input, the tanh-formula GELUs
+# (written out in Python) keep four intermediates, quick-GELU (x * sigmoid(1.702 x)) two.
+_ACT_SAVED = {"gelu_new": 4, "gelu_fast": 4, "gelu_python": 4, "quick_gelu": 2}
+
+
+def _has_dropout(cfg: Any, names: Sequence[str]) -> bool:
+    values = [getattr(cfg, n, None) for n in names]
+    return any(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values)
+
+
 def _layer_stack(model: Any, num_layers: int) -> Any:
-    """The ``nn.ModuleList`` of transformer blocks: the largest list, preferring one of ``num_layers`` items."""
+    """The ``nn.ModuleList`` of transformer blocks: the largest, preferably with ``num_layers`` items."""
     from torch import nn
 
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
@@ -287,6 +318,9 @@ def shape_from_dims(
     vocab_size: int,
     intermediate_size: int | None = None,
     gated_mlp: bool = False,
+    num_kv_heads: int | None = None,
+    norm: str = "layernorm",
+    dropout: bool = False,
     task: str = "causal_lm",
     num_labels: int = 2,
     tied_embeddings: bool = False,
@@ -298,10 +332,11 @@ def shape_from_dims(
     Biases and norms are ignored; ``total_params`` overrides the computed total when given.
     """
     h, inter = hidden_size, intermediate_size or 4 * hidden_size
+    kv = h * (num_kv_heads or num_heads) // num_heads
     mlp = [("up_proj", h, inter), ("down_proj", inter, h)]
     if gated_mlp:
         mlp.insert(0, ("gate_proj", h, inter))
-    block = [("q_proj", h, h), ("k_proj", h, h), ("v_proj", h, h), ("o_proj", h, h), *mlp]
+    block = [("q_proj", h, h), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", h, h), *mlp]
     modules = [ModuleSpec("embed_tokens", vocab_size, h, "embedding")]
     for i in range(num_layers):
         modules += [ModuleSpec(f"layers.{i}.{n}", a, b) for n, a, b in block]
@@ -329,48 +364,12 @@ def shape_from_dims(
         output_size=out,
         matmul_params=num_layers * per_layer + h * out,
         gated_mlp=gated_mlp,
+        num_kv_heads=num_kv_heads or num_heads,
+        norm=norm,
+        hidden_dropout=dropout,
+        attention_dropout=dropout,
         modules=tuple(modules),
+        tensor_sizes=tuple(
+            sorted([m.in_features * m.out_features for m in modules] + [h] * (2 * num_layers))
+        ),
     )
-
-
-def _is_output_layer(spec: ModuleSpec, shape: ModelShape) -> bool:
-    return spec.kind != "embedding" and spec.out_features == shape.output_size and "." not in spec.name
-
-
-def lora_target_modules(shape: ModelShape, targets: Iterable[str] | str | None) -> list[ModuleSpec]:
-    """The modules PEFT would wrap with LoRA for ``targets``.
-
-    A list matches a module whose name equals an entry or ends with ``.<entry>``; a single string other
-    than ``all-linear`` is a full-match regular expression; ``all-linear`` is every Linear/Conv1D except
-    the output layer; ``None`` uses PEFT's default for the architecture.
-    """
-    if targets is None:
-        if shape.model_type not in DEFAULT_LORA_TARGETS:
-            raise ConfigError(
-                f"no default LoRA targets for model type {shape.model_type!r}; set peft.target_modules"
-            )
-        targets = DEFAULT_LORA_TARGETS[shape.model_type]
-    if isinstance(targets, str) and targets != "all-linear":
-        pattern = re.compile(targets)
-        return [m for m in shape.modules if pattern.fullmatch(m.name)]
-    wanted = [targets] if isinstance(targets, str) else list(targets)
-    if "all-linear" in wanted:
-        return [m for m in shape.modules if m.kind != "embedding" and not _is_output_layer(m, shape)]
-    return [m for m in shape.modules if any(m.name == t or m.name.endswith("." + t) for t in wanted)]
-
-
-def lora_trainable_params(shape: ModelShape, r: int, targets: Iterable[str] | str | None = None) -> int:
-    """LoRA adapter parameters: ``r * (in + out)`` per targeted module (A is r x in, B is out x r).
-
-    Raises:
-        ConfigError: when no module matches ``targets``.
-    """
-    matched = lora_target_modules(shape, targets)
-    if not matched:
-        raise ConfigError(f"peft.target_modules {targets!r} match no module of {shape.name}")
-    return sum(r * (m.in_features + m.out_features) for m in matched)
-
-
-def is_local_model(source: str) -> bool:
-    """Whether ``source`` names an existing local directory."""
-    return Path(source).is_dir()

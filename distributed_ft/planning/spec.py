@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from distributed_ft.errors import ConfigError
-from distributed_ft.planning.models import ModelShape, lora_trainable_params
+from distributed_ft.planning.lora import lora_target_modules, lora_trainable_params
+from distributed_ft.planning.models import ModelShape
 
 _DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 PEFT_METHODS = ("none", "lora", "ia3", "prompt_tuning", "prefix_tuning", "freeze")
@@ -34,6 +35,7 @@ class TrainingSetup:
     offload_param: bool = False
     peft_method: str = "none"
     lora_r: int = 8
+    lora_dropout: float = 0.05
     target_modules: tuple[str, ...] | None = None
     train_head: bool | None = None
     gradient_checkpointing: bool = False
@@ -41,6 +43,7 @@ class TrainingSetup:
     mixed_precision: str = "no"
     flash_attention: bool = False
     partition_frozen_params: bool = True
+    device: str = "cuda"
 
     def __post_init__(self) -> None:
         if self.engine not in ("torch", "deepspeed"):
@@ -79,6 +82,11 @@ class TrainingSetup:
         return 4 if self.compute_dtype == "fp32" else 2
 
     @property
+    def mask_bytes(self) -> int:
+        """Bytes per dropout-mask element: CUDA's fused dropout keeps bools, CPU keeps a scaled float mask."""
+        return self.compute_bytes if self.device == "cpu" else 1
+
+    @property
     def precision(self) -> str:
         """State precision for :func:`~distributed_ft.planning.memory.state_bytes_per_rank`."""
         if self.engine == "deepspeed":
@@ -106,6 +114,13 @@ class TrainingSetup:
             return 0
         return lora_trainable_params(shape, self.lora_r, self.target_modules)
 
+    def adapter_dropout_inputs(self, shape: ModelShape) -> int:
+        """Summed input width of one layer's LoRA-adapted modules when LoRA dropout is on, else 0."""
+        if self.peft_method != "lora" or self.lora_dropout == 0:
+            return 0
+        widths = sum(m.in_features for m in lora_target_modules(shape, self.target_modules) if "." in m.name)
+        return widths // max(shape.num_layers, 1)
+
     def trainable_params(self, shape: ModelShape) -> int:
         """Parameters that get gradients and optimizer states."""
         if self.full_finetune:
@@ -119,6 +134,16 @@ class TrainingSetup:
             return shape.total_params
         copy = shape.head_params if self.peft_method != "freeze" and self.head_trained() else 0
         return shape.total_params + self.adapter_params(shape) + copy
+
+    def persistent_params(self, shape: ModelShape, threshold: int) -> int:
+        """Parameters in tensors below ``threshold`` elements, adapters included (ZeRO-3 keeps them whole)."""
+        small = shape.params_below(threshold)
+        if self.peft_method == "lora":
+            for m in lora_target_modules(shape, self.target_modules):
+                small += sum(
+                    n for n in (self.lora_r * m.in_features, self.lora_r * m.out_features) if n < threshold
+                )
+        return small
 
     def replace(self, **changes: Any) -> TrainingSetup:
         """A copy with ``changes`` applied (validated again)."""
@@ -154,6 +179,7 @@ def setup_from_job(config: Any, **overrides: Any) -> TrainingSetup:
         "offload_param": config.deepspeed.offload_param and config.run.engine == "deepspeed",
         "peft_method": config.peft.method,
         "lora_r": config.peft.r,
+        "lora_dropout": config.peft.dropout,
         "target_modules": tuple(targets) if targets is not None else None,
         "gradient_checkpointing": config.model.gradient_checkpointing,
         "model_dtype": config.model.dtype,
