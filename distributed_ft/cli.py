@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from distributed_ft.errors import DftError
+from distributed_ft.errors import DftError, Preempted
 
 log = logging.getLogger("distributed_ft")
 
@@ -257,6 +257,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libraries(args.verbose)
     try:
         return COMMANDS[args.command](args)
+    except Preempted as exc:
+        print(f"dft {args.command}: {exc}", file=sys.stderr)
+        return 143  # 128 + SIGTERM, what schedulers expect from a pre-empted job
     except DftError as exc:
         print(f"dft {args.command}: error: {exc}", file=sys.stderr)
         return 2

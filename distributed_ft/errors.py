@@ -19,3 +19,7 @@ class LaunchError(DftError):
 
 class CheckpointError(DftError):
     """A checkpoint that is missing, incomplete or incompatible."""
+
+
+class Preempted(DftError):
+    """The job was asked to stop (SIGTERM / pre-emption) and saved a checkpoint to resume from."""

@@ -1,0 +1,209 @@
+"""Ray Train on a local Ray: the run-directory contract, fault tolerance with exact resume, ray job submit."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+ENV.pop("RAY_ADDRESS", None)
+
+
+def _job(tiny_bert, tiny_conll, tmp: Path, run: str) -> list[str]:
+    return [
+        f"model.name={tiny_bert}",
+        *[f"data.{split}={path}" for split, path in tiny_conll.items()],
+        f"data.cache_dir={tmp / 'cache'}",
+        "data.max_train_samples=null",
+        "data.max_eval_samples=null",
+        "data.max_length=64",
+        f"run.output_dir={tmp / run}",
+        "run.num_workers=2",
+        "run.progress=false",
+        "train.batch_size=4",
+        "train.max_steps=40",
+        "train.lr=3e-3",
+        "train.log_every=1",
+        "train.save_every=10",
+        "train.eval_each_epoch=false",
+        "run.engine=deepspeed",
+        "deepspeed.zero_stage=2",
+    ]
+
+
+def _dft(*args: str, env=None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "distributed_ft", "-q", "train", "ner-conll2003", *args],
+        env=env or ENV,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _train_losses(run_dir: Path) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if r["event"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def ray_runs(tiny_bert, tiny_conll, tmp_path_factory):
+    """An uninterrupted Ray run, a Ray run whose worker is SIGKILLed mid-training, and a torchrun run."""
+    tmp = tmp_path_factory.mktemp("ray")
+    job = lambda run: _job(tiny_bert, tiny_conll, tmp, run)  # noqa: E731
+    straight = _dft(*job("straight"), "run.backend=ray")
+    out, _ = straight.communicate(timeout=600)
+    assert straight.returncode == 0, out[-3000:]
+
+    killed = _dft(*job("killed"), "run.backend=ray", "run.max_failures=2")
+    victim = _kill_a_worker_after_first_checkpoint(tmp / "killed", killed)
+    out, _ = killed.communicate(timeout=600)
+    assert killed.returncode == 0, out[-3000:]
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    local = subprocess.run(
+        [
+            str(torchrun),
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "distributed_ft",
+            "-q",
+            "train",
+            "ner-conll2003",
+            *job("local"),
+        ],
+        env=ENV,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert local.returncode == 0, local.stdout[-2000:] + local.stderr[-2000:]
+    return tmp, victim
+
+
+def _kill_a_worker_after_first_checkpoint(run_dir: Path, job: subprocess.Popen) -> int:
+    """Wait until step 10's checkpoint exists and training is past it, then SIGKILL one Ray Train worker."""
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        assert job.poll() is None, "the job ended before a worker could be killed"
+        latest = run_dir / "checkpoints" / "latest"
+        metrics = run_dir / "metrics.jsonl"
+        if latest.is_file() and metrics.is_file() and any(step > 11 for step, _ in _train_losses(run_dir)):
+            break
+        time.sleep(0.05)
+    workers = [
+        p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
+    ]
+    assert workers, "no Ray Train worker process found"
+    workers[-1].send_signal(signal.SIGKILL)
+    return workers[-1].pid
+
+
+def test_ray_run_writes_the_run_directory_contract(ray_runs):
+    tmp, _ = ray_runs
+    run_dir = tmp / "straight"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert {"f1", "precision", "recall", "per_type"} <= results["test"].keys()
+    assert results["world_size"] == 2
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "export" / "config.json").is_file()
+    losses = [loss for _, loss in _train_losses(run_dir)]
+    assert [s for s, _ in _train_losses(run_dir)] == list(range(1, 41))
+    assert sum(losses[-5:]) < sum(losses[:5])
+    # checkpoints were persisted to Ray's storage too (the merged directory holds both ranks' shards)
+    assert list((run_dir / "ray").rglob("rng-rank1.pt"))
+
+
+def test_killed_worker_resumes_exactly_from_the_last_checkpoint(ray_runs):
+    tmp, _ = ray_runs
+    straight = dict(_train_losses(tmp / "straight"))
+    history = _train_losses(tmp / "killed")
+    steps = [s for s, _ in history]
+    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    resumed_from = steps[restart] - 1
+    assert resumed_from in (10, 20, 30)  # a checkpoint step: nothing before it is trained twice
+    assert steps[restart:] == list(range(resumed_from + 1, 41))
+    assert [loss for _, loss in history[restart:]] == [straight[s] for s in steps[restart:]]
+    assert [loss for _, loss in history[:restart]] == [straight[s] for s in steps[:restart]]
+    results = json.loads((tmp / "killed" / "results.json").read_text())
+    assert results["steps"] == 40
+
+
+def test_local_and_ray_runs_agree(ray_runs):
+    tmp, _ = ray_runs
+    ray_results = json.loads((tmp / "straight" / "results.json").read_text())
+    local_results = json.loads((tmp / "local" / "results.json").read_text())
+    assert [loss for _, loss in _train_losses(tmp / "local")] == pytest.approx(
+        [loss for _, loss in _train_losses(tmp / "straight")], rel=1e-5
+    )
+    assert local_results["test"]["f1"] == pytest.approx(ray_results["test"]["f1"], abs=1e-6)
+
+
+@pytest.fixture
+def ray_head():
+    ray = Path(sys.executable).with_name("ray")
+    short = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's unix sockets need a short path
+    # the head (and so every job's `python`) runs in this virtualenv, as on a provisioned cluster node
+    env = {**ENV, "RAY_TMPDIR": short, "PATH": f"{ray.parent}:{ENV['PATH']}"}
+    start = [
+        str(ray),
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        "--port=6390",
+        "--dashboard-host=127.0.0.1",
+        "--num-cpus=2",
+        "--disable-usage-stats",
+        "--include-dashboard=true",
+    ]
+    subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
+    try:
+        yield {**env, "RAY_ADDRESS": "http://127.0.0.1:8265"}
+    finally:
+        subprocess.run([str(ray), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def test_ray_job_submit_launcher(ray_head, tiny_bert, tiny_conll, tmp_path):
+    overrides = [
+        a for a in _job(tiny_bert, tiny_conll, tmp_path, "submitted") if not a.startswith("train.max_steps")
+    ]
+    overrides += ["train.max_steps=6", "run.engine=torch"]
+    result = subprocess.run(
+        [str(ROOT / "launchers" / "ray_submit.sh"), "ner-conll2003", *overrides],
+        env=ray_head,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in (result.stdout + result.stderr).lower()
+    assert json.loads((tmp_path / "submitted" / "results.json").read_text())["steps"] == 6
+    failing = subprocess.run(
+        [
+            str(ROOT / "launchers" / "ray_submit.sh"),
+            "ner-conll2003",
+            *overrides,
+            "data.train=/nope/train.conll",
+        ],
+        env=ray_head,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert failing.returncode != 0
+    shutil.rmtree(tmp_path / "submitted", ignore_errors=True)
