@@ -46,7 +46,9 @@ class Engine(Protocol):
         """Write model, optimizer and schedule state into ``directory`` (every rank calls this)."""
         ...
 
-    def load(self, directory: Path) -> None: ...
+    def load(self, directory: Path, weights_only: bool = False) -> None:
+        """Restore what :meth:`save` wrote; ``weights_only`` (export) may read another world size."""
+        ...
 
     def export(self, directory: Path) -> None:
         """Write a consolidated ``save_pretrained`` model into ``directory`` (every rank calls this)."""

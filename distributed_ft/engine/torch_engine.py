@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from distributed_ft.config.schema import JobConfig
 from distributed_ft.engine.optim import build_optimizer, build_scheduler, tensor_bytes
 from distributed_ft.errors import ConfigError
+from distributed_ft.modeling.peft import load_trainable_state_dict, trainable_state_dict
 from distributed_ft.runtime.context import RuntimeContext
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -91,16 +92,18 @@ class TorchEngine:
         if not self.context.is_main:  # DDP replicas are identical: rank 0 writes for all
             return
         state = {
-            "model": self.module.state_dict(),
+            "model": trainable_state_dict(self.module),  # adapter-only when the base is frozen
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self._scaler.state_dict() if self._scaler else None,
         }
         torch.save(state, directory / _STATE_FILE)
 
-    def load(self, directory: Path) -> None:
+    def load(self, directory: Path, weights_only: bool = False) -> None:
         state = torch.load(directory / _STATE_FILE, map_location=self.context.device, weights_only=False)
-        self.module.load_state_dict(state["model"])
+        load_trainable_state_dict(self.module, state["model"])
+        if weights_only:
+            return
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self._scaler and state["scaler"]:

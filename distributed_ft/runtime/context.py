@@ -6,7 +6,9 @@ the context (Ray and DeepSpeed disagree about ``LOCAL_RANK``; DESIGN.md "Known t
 
 from __future__ import annotations
 
+import atexit
 import os
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -15,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from distributed_ft.errors import LaunchError
+from distributed_ft.runtime import signals
 
 
 @runtime_checkable
@@ -41,6 +44,10 @@ class RuntimeContext(Protocol):
 
     def resume_checkpoint(self) -> Path | None:
         """A checkpoint the orchestrator wants the job to resume from (Ray after a restart)."""
+        ...
+
+    def stop_requested(self) -> bool:
+        """Whether any rank was asked to stop (SIGTERM, pre-emption); the same answer on every rank."""
         ...
 
 
@@ -82,6 +89,14 @@ class ProcessGroupContext:
     def resume_checkpoint(self) -> Path | None:
         return None
 
+    def stop_requested(self) -> bool:
+        local = signals.stop_requested_locally()
+        if not self._distributed:
+            return local
+        flag = torch.tensor([1 if local else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rank={self.rank}, world_size={self.world_size}, device={self.device})"
 
@@ -95,23 +110,28 @@ class LocalContext(ProcessGroupContext):
 
 
 class TorchrunContext(ProcessGroupContext):
-    """A process started by ``torchrun``, ``accelerate launch`` or the ``deepspeed`` launcher (``env://``)."""
+    """A process started by ``torchrun``, ``accelerate launch`` or the ``deepspeed`` launcher (``env://``).
+
+    Rank, world size and local rank come from ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; the process group
+    (gloo on CPU, NCCL on GPUs) is created here from ``MASTER_ADDR``/``MASTER_PORT``. The device is
+    ``cuda:LOCAL_RANK`` with ``run.use_gpu`` and a GPU, else the CPU; nothing else guesses it.
+
+    World-size rule (``expected_world_size`` is ``run.num_workers``): the launcher decides how many
+    processes run. ``None`` or ``1`` (the default) accepts whatever it started; any other number must
+    equal ``WORLD_SIZE`` or the job is refused with a :class:`LaunchError` before any work is done.
+    """
 
     def __init__(self, use_gpu: bool = False, expected_world_size: int | None = None) -> None:
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if expected_world_size is not None and expected_world_size != world_size:
-            raise LaunchError(
-                f"run.num_workers={expected_world_size} but the launcher started WORLD_SIZE={world_size}; "
-                "launch as many processes as run.num_workers, e.g. "
-                f"torchrun --nproc_per_node {expected_world_size} -m distributed_ft train ..."
-            )
+        check_world_size(expected_world_size, world_size)
         cuda = use_gpu and torch.cuda.is_available()
         device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
         if cuda:
             torch.cuda.set_device(device)
         if world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+            atexit.register(_destroy_process_group)  # tear down before the interpreter does (gloo aborts)
         super().__init__(rank, world_size, local_rank, device)
         self._check_world_agrees()
 
@@ -121,8 +141,73 @@ class TorchrunContext(ProcessGroupContext):
             raise LaunchError(
                 f"WORLD_SIZE={self.world_size} but the process group has {dist.get_world_size()} members; "
                 "the launcher and the environment disagree: launch with torchrun or accelerate launch "
-                "--num_processes N --multi_gpu (ACCELERATE_USE_CPU=1 on CPU)"
+                "--config_file cluster_configs/accelerate/cpu_2proc.yaml (see launchers/README.md)"
             )
+
+
+def _destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+LAUNCH_HINT = (
+    "launch one process per worker with the same run.num_workers, e.g. "
+    "torchrun --nproc_per_node {n} -m distributed_ft train ... run.num_workers={n} "
+    "(launchers/README.md lists torchrun, accelerate launch and deepspeed commands)"
+)
+
+
+def check_world_size(expected: int | None, world_size: int) -> None:
+    """Refuse a launcher world size that contradicts an explicit ``run.num_workers``.
+
+    Raises:
+        LaunchError: ``expected`` is neither ``None``, ``1`` (accept the launcher's) nor ``world_size``.
+    """
+    if expected not in (None, 1, world_size):
+        raise LaunchError(
+            f"run.num_workers={expected} but the launcher started WORLD_SIZE={world_size} processes; "
+            + LAUNCH_HINT.format(n=expected)
+        )
+
+
+def _int_env(env: Mapping[str, str], *names: str) -> int | None:
+    for name in names:
+        value = env.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def check_single_process_launch(expected: int | None, env: Mapping[str, str] | None = None) -> None:
+    """Refuse a process without ``env://`` variables that is not meant to train alone.
+
+    Caught here: ``run.num_workers > 1``; ``accelerate launch`` whose config asked for several processes
+    but started one (a ``MULTI_CPU`` config on one machine: Accelerate sets ``MASTER_ADDR`` only for
+    several processes); MPI (``mpirun -np N``) started ``N`` copies that would each train alone.
+
+    Raises:
+        LaunchError: With the command that launches the job correctly.
+    """
+    env = os.environ if env is None else env
+    if expected not in (None, 1):
+        raise LaunchError(
+            f"run.num_workers={expected} but this is a single process without RANK/WORLD_SIZE; "
+            + LAUNCH_HINT.format(n=expected)
+            + ", or use run.backend=ray"
+        )
+    if "ACCELERATE_MIXED_PRECISION" in env and "MASTER_ADDR" in env:  # both set by accelerate launch
+        raise LaunchError(
+            "accelerate launch was asked for several processes but started one without RANK/WORLD_SIZE "
+            "(a MULTI_CPU config on one machine does that); use "
+            "accelerate launch --config_file cluster_configs/accelerate/cpu_2proc.yaml -m distributed_ft "
+            "train ... (a MULTI_GPU config: on CPU it starts real gloo processes), or torchrun"
+        )
+    copies = _int_env(env, "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+    if copies is not None and copies > 1:
+        raise LaunchError(
+            f"{copies} copies of this process were started by MPI without RANK/WORLD_SIZE; each would train "
+            "alone on all the data. Start torchrun once per node instead: " + LAUNCH_HINT.format(n=copies)
+        )
 
 
 def launched_distributed() -> bool:
@@ -131,13 +216,30 @@ def launched_distributed() -> bool:
 
 
 def create_context(use_gpu: bool = False, expected_world_size: int | None = None) -> ProcessGroupContext:
-    """The context for a process started from the command line (local or by a launcher)."""
+    """The context for a process started from the command line (local or by a launcher).
+
+    Raises:
+        LaunchError: The launch contradicts ``expected_world_size`` (``run.num_workers``) or started
+            processes that would train independently (see :func:`check_single_process_launch`).
+    """
+    signals.install_stop_handler()
     if launched_distributed():
         return TorchrunContext(use_gpu=use_gpu, expected_world_size=expected_world_size)
-    if expected_world_size not in (None, 1):
-        raise LaunchError(
-            f"run.num_workers={expected_world_size} but this is a single process; start it with "
-            f"torchrun --nproc_per_node {expected_world_size} -m distributed_ft train ..., "
-            "or use run.backend=ray"
-        )
+    check_single_process_launch(expected_world_size)
     return LocalContext(use_gpu=use_gpu)
+
+
+def ensure_process_group(context: RuntimeContext) -> None:
+    """Create a one-member gloo process group for a single process if none exists.
+
+    Libraries that always talk to ``torch.distributed`` (DeepSpeed) need a group even at world size 1.
+    A multi-process context must already have one (the launcher's or the orchestrator's).
+    """
+    if dist.is_initialized():
+        return
+    if context.world_size != 1:
+        raise LaunchError(
+            f"world size {context.world_size} but no torch.distributed process group; "
+            + LAUNCH_HINT.format(n=context.world_size)
+        )
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)

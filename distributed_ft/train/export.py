@@ -3,25 +3,34 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from distributed_ft.config.load import load_config
 from distributed_ft.engine import build_engine
 from distributed_ft.errors import CheckpointError, ConfigError
-from distributed_ft.modeling.build import load_tokenizer
+from distributed_ft.modeling.build import load_tokenizer, load_trained
+from distributed_ft.modeling.peft import MERGEABLE, apply_peft, merge_adapter, write_export_extras
 from distributed_ft.runtime.context import RuntimeContext
 from distributed_ft.tasks import get_task
 from distributed_ft.train.checkpoint import CheckpointManager
 
 
 def export_run(run_dir: str, out: str, which: str, context: RuntimeContext, merge_lora: bool = False) -> Path:
-    """Load checkpoint ``which`` (``best``, ``latest`` or a path) of ``run_dir`` and export it to ``out``."""
+    """Load checkpoint ``which`` (``best``, ``latest`` or a path) of ``run_dir`` and export it to ``out``.
+
+    A PEFT run exports its adapter (``adapter_config.json`` + weights + tokenizer); ``merge_lora`` merges a
+    LoRA or IA3 adapter into the base weights and writes a full model instead.
+    """
     root = Path(run_dir)
     if not (root / "config.yaml").is_file():
         raise ConfigError(f"{run_dir!r} is not a run directory (no config.yaml)")
-    if merge_lora:
-        raise ConfigError("--merge-lora needs a PEFT run; this run was trained without peft.method=lora")
     config, _ = load_config(str(root / "config.yaml"))
+    if merge_lora and config.peft.method not in MERGEABLE:
+        full = " (its export is a full model already)" if config.peft.method in ("none", "freeze") else ""
+        raise ConfigError(
+            f"--merge-lora merges LoRA or IA3 adapters; this run used peft.method={config.peft.method}{full}"
+        )
     checkpoints = CheckpointManager(root / "checkpoints", context)
     checkpoint = {"best": checkpoints.best or checkpoints.latest, "latest": checkpoints.latest}.get(
         which, Path(which)
@@ -33,10 +42,17 @@ def export_run(run_dir: str, out: str, which: str, context: RuntimeContext, merg
     labels_file = root / "labels.json"
     labels = json.loads(labels_file.read_text()) if labels_file.is_file() else None
     engine = build_engine(config, context)
-    engine.prepare(get_task(config).build_model(labels), total_steps=1)
-    engine.load(checkpoint)
+    engine.prepare(apply_peft(get_task(config).build_model(labels), config), total_steps=1)
+    engine.load(checkpoint, weights_only=True)
     target = Path(out)
-    engine.export(target)
+    written = target.with_name(f".{target.name}.adapter") if merge_lora else target
+    engine.export(written)  # every rank: ZeRO-3 gathers the partitioned parameters
     if context.is_main:
-        tokenizer.save_pretrained(target)
+        tokenizer.save_pretrained(written)
+        write_export_extras(engine.module, written)
+        if merge_lora:  # merged on one plain CPU copy, from the adapter just written
+            merge_adapter(load_trained(config.task, str(written))).save_pretrained(target)
+            tokenizer.save_pretrained(target)
+            shutil.rmtree(written)
+    context.barrier()
     return target

@@ -14,9 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from distributed_ft.config.schema import JobConfig
+from distributed_ft.data.prepare import PreparedDataset
 from distributed_ft.data.sources import ArrowBatchSource
 from distributed_ft.engine import build_engine
 from distributed_ft.engine.base import Engine
+from distributed_ft.errors import Preempted
+from distributed_ft.modeling.peft import (
+    apply_peft,
+    format_parameter_report,
+    parameter_report,
+    write_export_extras,
+)
 from distributed_ft.runtime.context import RuntimeContext
 from distributed_ft.runtime.tracking import MetricsLogger, Progress
 from distributed_ft.train.checkpoint import CheckpointManager, RunState
@@ -57,9 +65,15 @@ class LogWindow:
         return record
 
 
-def train(config: JobConfig, context: RuntimeContext, name: str = "job") -> dict[str, Any]:
-    """Train, evaluate, keep the best checkpoint, test it and export it; returns ``results.json``."""
-    job = build_job(config, context, name)
+def train(
+    config: JobConfig, context: RuntimeContext, name: str = "job", data: PreparedDataset | None = None
+) -> dict[str, Any]:
+    """Train, evaluate, keep the best checkpoint, test it and export it; returns ``results.json``.
+
+    ``data`` is the prepared dataset when an orchestrator delivers it (Ray Data); otherwise it is prepared
+    (or found in the cache) here.
+    """
+    job = build_job(config, context, name, data)
     config, task, data = job.config, job.task, job.data
     train_cfg, progress = config.train, Progress(config.run.progress, context)
     metrics_log = MetricsLogger(job.run_dir, context)
@@ -82,7 +96,10 @@ def train(config: JobConfig, context: RuntimeContext, name: str = "job") -> dict
         )
 
     engine = build_engine(config, context)
-    engine.prepare(task.build_model(job.labels), total_steps)
+    model = apply_peft(task.build_model(job.labels), config)
+    parameters = parameter_report(model, config.peft.method, config.task)
+    log.info(format_parameter_report(parameters))
+    engine.prepare(model, total_steps)
     checkpoints = CheckpointManager(job.run_dir / "checkpoints", context, keep=train_cfg.keep_checkpoints)
     state = RunState()
     resume_from = context.resume_checkpoint() or checkpoints.find_resume(config.run.resume)
@@ -140,13 +157,8 @@ def train(config: JobConfig, context: RuntimeContext, name: str = "job") -> dict
             state.best_metric,
             state.best_step,
         )
-        checkpoints.save(engine, state, is_best=is_best)
-        context.report(
-            {
-                "step": state.step,
-                **{f"validation/{k}": v for k, v in metrics.items() if isinstance(v, int | float)},
-            }
-        )
+        report = {f"validation/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
+        checkpoints.save(engine, state, is_best=is_best, metrics=report)
 
     has_validation = "validation" in data.splits
     evaluated: dict[int, dict[str, Any]] = {}
@@ -180,6 +192,12 @@ def train(config: JobConfig, context: RuntimeContext, name: str = "job") -> dict
             elif train_cfg.save_every and state.step % train_cfg.save_every == 0:
                 checkpoints.save(engine, state)
                 window.restart()
+            if context.stop_requested():  # SIGTERM or a pre-emption notice, agreed by all ranks
+                saved = checkpoints.save(engine, state)
+                raise Preempted(
+                    f"stopped at step {state.step} on request; checkpoint {saved} written; "
+                    "run the same command again to resume from it"
+                )
             if state.step >= total_steps or state.stopped_early:
                 break
         else:  # the epoch ran to its end
@@ -199,7 +217,19 @@ def train(config: JobConfig, context: RuntimeContext, name: str = "job") -> dict
         )
     if not has_validation:
         checkpoints.save(engine, state)
-    return finish(job, engine, checkpoints, state, evaluated, train_seconds, metrics_log, progress, context)
+    return finish(
+        job,
+        engine,
+        checkpoints,
+        state,
+        evaluated,
+        train_seconds,
+        metrics_log,
+        progress,
+        context,
+        parameters,
+        steps_per_epoch,
+    )
 
 
 def finish(
@@ -212,6 +242,8 @@ def finish(
     metrics_log: MetricsLogger,
     progress: Progress,
     context: RuntimeContext,
+    parameters: dict[str, Any] | None = None,
+    steps_per_epoch: int = 1,
 ) -> dict[str, Any]:
     """Reload the best checkpoint, score validation and test, export, and write ``results.json``."""
     config, task, data = job.config, job.task, job.data
@@ -222,12 +254,13 @@ def finish(
     results: dict[str, Any] = {
         "task": task.name,
         "steps": state.step,
-        "epochs_completed": state.epoch,
+        "epochs": round(state.step / steps_per_epoch, 3),
         "best_step": state.best_step,
         "stopped_early": state.stopped_early,
         "train_seconds": round(train_seconds, 2),
         "tokens_seen": state.tokens_seen,
         "world_size": context.world_size,
+        "parameters": parameters,
     }
     for split, key in (("validation", "dev"), ("test", "test")):
         if split == "validation" and state.best_step in evaluated:
@@ -254,6 +287,7 @@ def finish(
     engine.export(export_dir)
     if context.is_main:
         job.tokenizer.save_pretrained(export_dir)
+        write_export_extras(engine.module, export_dir)
         results["export"] = str(export_dir)
         (job.run_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
     metrics_log.close()
