@@ -101,6 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--tokens", type=float, help="training tokens to plan for (default: from the data)")
     plan.add_argument("--mfu", type=float, help="model FLOPs utilisation to assume")
     plan.add_argument("--measured-tokens-per-s", type=float, help="use a measured throughput instead")
+    plan.add_argument(
+        "--validate",
+        action="store_true",
+        help="run a few real steps and print predicted vs measured memory per rank (torchrun: every rank)",
+    )
+    plan.add_argument("--validate-steps", type=int, default=3, help="optimizer steps for --validate (>= 2)")
+
+    bench = commands.add_parser("bench", help="run a benchmark experiment (source checkout: benchmarks/)")
+    bench.add_argument("experiment", nargs="?", help="experiment name or YAML file; 'all' runs each")
+    bench.add_argument("--smoke", action="store_true", help="the seconds-long variant CI runs")
+    bench.add_argument("--json", action="store_true", help="print the result as JSON")
+    bench.add_argument("--out", help="results directory (default benchmarks/results)")
+    bench.add_argument("--list", action="store_true", help="list the experiments")
     return parser
 
 
@@ -134,10 +147,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         results, run_dir = train_on_ray(config, name)
     else:
+        context, setup_logging = _context(config)  # a wrong launch is refused before the heavy imports
+        setup_logging(context, args.verbose)
         from distributed_ft.train.loop import train
 
-        context, setup_logging = _context(config)
-        setup_logging(context, args.verbose)
         if config.run.num_threads:
             import torch
 
@@ -228,6 +241,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from distributed_ft.planning import plan_job
 
     config, _ = load_config(*_job_source(args))
+    if args.validate:
+        return _validate_plan(config, args)
     report = plan_job(
         config,
         num_train_tokens=int(args.tokens) if args.tokens else None,
@@ -238,6 +253,50 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _validate_plan(config, args: argparse.Namespace) -> int:
+    """``dft plan --validate``: the planner vs a short real job (see ``planning/validate.py``)."""
+    from distributed_ft.engine import build_engine
+    from distributed_ft.planning.validate import validate_plan
+    from distributed_ft.tasks import get_task
+
+    context, setup_logging = _context(config)
+    setup_logging(context, args.verbose)
+    estimator = _benchmarks_module("benchmarks.ds_estimator")  # DeepSpeed's own estimator, when present
+    report = validate_plan(
+        config,
+        context,
+        build_engine=build_engine,
+        task=get_task(config),
+        steps=args.validate_steps,
+        reference=getattr(estimator, "deepspeed_estimate", None),
+    )
+    if context.is_main:
+        print(json.dumps(report.to_json(), indent=2, default=str) if args.json else report.format_table())
+    return 0
+
+
+def _benchmarks_module(name: str, required: bool = False):
+    """A module of the source checkout's ``benchmarks/`` (not installed with the package), else ``None``."""
+    import importlib
+    from pathlib import Path
+
+    from distributed_ft.errors import ConfigError
+
+    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        if (root / "benchmarks" / "runner.py").is_file():
+            if str(root) not in sys.path:
+                sys.path.insert(0, str(root))
+            return importlib.import_module(name)
+    if required:
+        raise ConfigError("dft bench needs a source checkout: run it from the repository root (benchmarks/)")
+    return None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``dft bench``: run a benchmark experiment and write its results (``benchmarks/README.md``)."""
+    return _benchmarks_module("benchmarks.runner", required=True).main_args(args)
+
+
 COMMANDS = {
     "train": cmd_train,
     "evaluate": cmd_evaluate,
@@ -246,6 +305,7 @@ COMMANDS = {
     "data": cmd_data,
     "config": cmd_config,
     "plan": cmd_plan,
+    "bench": cmd_bench,
 }
 
 

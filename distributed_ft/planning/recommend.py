@@ -147,8 +147,10 @@ def _describe(ev: Evaluation, capacity: Capacity) -> str:
 
 
 def recommend(shape: ModelShape, base: TrainingSetup, capacity: Capacity) -> dict[str, Any]:
-    """Recommend a setup: the lowest ZeRO stage without offload that fits, then gradient checkpointing,
-    then a smaller micro-batch (same global batch), then offload, then LoRA instead of full fine-tuning.
+    """Recommend a setup that fits, trying the cheapest changes first.
+
+    Order: the lowest ZeRO stage without offload, then gradient checkpointing, then a smaller micro-batch
+    (same global batch), then offload, then LoRA instead of full fine-tuning.
     """
     notes: list[str] = []
     chosen = _choose(shape, base, capacity)

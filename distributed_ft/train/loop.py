@@ -73,6 +73,9 @@ def train(
     ``data`` is the prepared dataset when an orchestrator delivers it (Ray Data); otherwise it is prepared
     (or found in the cache) here.
     """
+    engine = build_engine(
+        config, context
+    )  # first: a conflicting DeepSpeed JSON fails before anything is written
     job = build_job(config, context, name, data)
     config, task, data = job.config, job.task, job.data
     train_cfg, progress = config.train, Progress(config.run.progress, context)
@@ -95,7 +98,6 @@ def train(
             "train: %d examples per epoch left out so every rank takes equal batches", source.dropped_examples
         )
 
-    engine = build_engine(config, context)
     model = apply_peft(task.build_model(job.labels), config)
     parameters = parameter_report(model, config.peft.method, config.task)
     log.info(format_parameter_report(parameters))

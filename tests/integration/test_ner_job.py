@@ -91,7 +91,7 @@ def test_evaluation_equals_seqeval_on_predicted_words(trained_run, tmp_path, cap
         == 0
     )
     gold, pred, g, p = [], [], [], []
-    for line in output.read_text().splitlines() + [""]:
+    for line in [*output.read_text().splitlines(), ""]:
         if not line:
             if g:
                 gold.append(g)
