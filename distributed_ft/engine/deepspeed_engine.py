@@ -15,7 +15,9 @@ Selected by ``run.engine=deepspeed``. The DeepSpeed JSON is rendered from the jo
   DeepSpeed scales the loss by ``1 / grad_accum`` and clips (``gradient_clipping``) itself, once.
 * **Checkpoints**: ``save_checkpoint(dir, tag="engine", save_latest=False)`` into the staging directory the
   CheckpointManager renames afterwards; loading names the tag, so no DeepSpeed ``latest`` file is
-  involved. ``engine/dft_engine.json`` records the world size and stage that wrote the shards.
+  involved. ``engine/dft_engine.json`` records the world size and stage that wrote the shards. With frozen
+  parameters (PEFT) they are left out (``exclude_frozen_parameters``; rebuilt from the base model) and the
+  module is loaded non-strictly: adapter runs write adapter-sized checkpoints.
 * **Export**: ZeRO-3 parameters are gathered layer by layer (rank 0 holds the full state dict); other
   stages hold full weights on every rank. Rank 0 writes ``save_pretrained``. A checkpoint from another
   world size or stage is consolidated with ``get_fp32_state_dict_from_zero_checkpoint`` (weights only).
@@ -197,8 +199,12 @@ class DeepSpeedEngine:
         self._ds.train(mode)
 
     # ------------------------------------------------------------------ checkpoints
+    def _has_frozen(self) -> bool:
+        return any(not p.requires_grad for p in self.module.parameters())
+
     def save(self, directory: Path) -> None:
-        self._ds.save_checkpoint(str(directory), tag=TAG, save_latest=False)
+        frozen = self._has_frozen()
+        self._ds.save_checkpoint(str(directory), tag=TAG, save_latest=False, exclude_frozen_parameters=frozen)
         if self.context.is_main:
             meta = {"world_size": self.context.world_size, "zero_stage": self.stage}
             (directory / TAG / META_FILE).write_text(json.dumps(meta))
@@ -224,7 +230,11 @@ class DeepSpeedEngine:
         same = saved == {"world_size": self.context.world_size, "zero_stage": self.stage}
         if same:
             path, _ = self._ds.load_checkpoint(
-                str(directory), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+                str(directory),
+                tag=TAG,
+                load_module_strict=not self._has_frozen(),  # frozen weights are not in the checkpoint
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
             )
             if path is None:
                 raise CheckpointError(f"DeepSpeed could not load the checkpoint in {directory / TAG}")

@@ -6,14 +6,24 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForTokenClassification, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerFast,
+)
 
 from distributed_ft.config.schema import ModelConfig
 from distributed_ft.data import builtin
 from distributed_ft.errors import ConfigError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-AUTO_CLASSES = {"token_classification": AutoModelForTokenClassification}
+AUTO_CLASSES = {
+    "token_classification": AutoModelForTokenClassification,
+    "sequence_classification": AutoModelForSequenceClassification,
+    "causal_lm": AutoModelForCausalLM,
+}
 
 
 def resolve_model_path(name: str) -> str:
@@ -42,9 +52,17 @@ def load_tokenizer(name: str, revision: str | None = None) -> PreTrainedTokenize
 
 
 def build_model(
-    task: str, config: ModelConfig, labels: list[str] | None = None, **config_overrides
+    task: str,
+    config: ModelConfig,
+    labels: list[str] | None = None,
+    vocab_size: int | None = None,
+    **config_overrides,
 ) -> nn.Module:
-    """Load ``config.name`` with the head for ``task``; ``labels`` set the label maps of the head."""
+    """Load ``config.name`` with the head for ``task``; ``labels`` set the label maps of the head.
+
+    ``vocab_size`` (the tokenizer's length after tokens were added, e.g. entity markers) grows the input
+    embeddings when they are smaller; new rows start at the mean of the old ones.
+    """
     path = resolve_model_path(config.name)
     kwargs = dict(config_overrides)
     if labels is not None:
@@ -59,14 +77,27 @@ def build_model(
         )
     except (OSError, ValueError) as exc:
         raise _load_error(config.name, exc) from exc
+    if vocab_size is not None and vocab_size > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(vocab_size)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
 
 
 def load_trained(task: str, directory: str) -> nn.Module:
-    """A model exported by a run (its head and label maps come from its own config)."""
+    """A model exported by a run (its head and label maps come from its own config).
+
+    An adapter export (``adapter_config.json``) is loaded onto the base model its config names.
+    """
+    from distributed_ft.modeling import peft
+
+    if peft.is_adapter_dir(directory):
+        return peft.load_adapter(directory, lambda base, **kwargs: _load_pretrained(task, base, **kwargs))
+    return _load_pretrained(task, directory)
+
+
+def _load_pretrained(task: str, name: str, **kwargs) -> nn.Module:
     try:
-        return AUTO_CLASSES[task].from_pretrained(directory)
+        return AUTO_CLASSES[task].from_pretrained(resolve_model_path(name), **kwargs)
     except (OSError, ValueError) as exc:
-        raise _load_error(directory, exc) from exc
+        raise _load_error(name, exc) from exc

@@ -14,6 +14,7 @@ from distributed_ft.data.sources import ArrowBatchSource
 from distributed_ft.engine.torch_engine import inference_engine
 from distributed_ft.errors import ConfigError
 from distributed_ft.modeling.build import load_tokenizer, load_trained
+from distributed_ft.modeling.peft import adapter_task, is_adapter_dir
 from distributed_ft.runtime.context import RuntimeContext
 from distributed_ft.runtime.tracking import Progress
 from distributed_ft.tasks import get_task
@@ -29,11 +30,14 @@ def locate_model(path: str, overrides: list[str] | tuple[str, ...] = ()) -> tupl
     if (root / "config.yaml").is_file() and (root / "export").is_dir():
         raw = yaml.safe_load((root / "config.yaml").read_text())
         model_dir = root / "export"
-    elif (root / "config.json").is_file():
+    elif (root / "config.json").is_file() or is_adapter_dir(root):
         raw, model_dir = {}, root
+        if is_adapter_dir(root) and adapter_task(root):  # an adapter export knows its task
+            raw["task"] = adapter_task(root)
     else:
         raise ConfigError(
-            f"{path!r} is neither a run directory (config.yaml + export/) nor a model directory (config.json)"
+            f"{path!r} is neither a run directory (config.yaml + export/) nor a model directory "
+            "(config.json, or adapter_config.json for an adapter)"
         )
     for assignment in overrides:
         apply_override(raw, assignment)
@@ -96,10 +100,14 @@ def predict_file(
     engine.train(False)
     import torch
 
-    with torch.no_grad():
-        for batch in progress.wrap(iter(source), total=len(source), desc="predict"):
-            meta = batch.pop("meta")
-            outputs = engine.forward(batch)
-            predictions.update(task.predictions(outputs, {**batch, "meta": meta}))
+    generate = getattr(task, "generate", None)  # generative tasks decode instead of one forward pass
+    if generate is not None:
+        predictions = generate(engine.module, encoded, config.eval.batch_size, progress)
+    else:
+        with torch.no_grad():
+            for batch in progress.wrap(iter(source), total=len(source), desc="predict"):
+                meta = batch.pop("meta")
+                outputs = engine.forward(batch)
+                predictions.update(task.predictions(outputs, {**batch, "meta": meta}))
     task.write_predictions(inputs, predictions, labels, output_path, input_format)
     return len(predictions)
