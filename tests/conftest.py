@@ -103,3 +103,67 @@ def tiny_job(tiny_bert, tiny_conll, tmp_path) -> list[str]:
         "train.lr=3e-3",
         "train.log_every=1",
     ]
+
+
+INSTRUCTIONS = Path(__file__).resolve().parents[1] / "distributed_ft" / "data" / "samples" / "instructions"
+
+
+def make_bpe_tokenizer(texts: list[str], vocab_size: int = 600):
+    """A byte-level BPE tokenizer trained on ``texts`` (``<s>`` prepended, ``</s>`` ends, ``<pad>`` pads)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer)
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+def make_tiny_llama(directory: Path, seed: int = 0) -> Path:
+    """Save a randomly initialised 2-layer, 64-wide Llama + a BPE tokenizer trained on the sample set."""
+    import json
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory.mkdir(parents=True, exist_ok=True)
+    texts = [
+        value
+        for split in ("train", "validation", "test")
+        for line in (INSTRUCTIONS / f"{split}.jsonl").read_text().splitlines()
+        for value in json.loads(line).values()
+    ]
+    texts += ["### System:\n", "### Instruction:\n", "### Response:\n"]
+    tokenizer = make_bpe_tokenizer(texts)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))

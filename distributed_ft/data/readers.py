@@ -439,7 +439,10 @@ def read_token_tags(
 
 
 def read_records(
-    path: str | os.PathLike[str], fmt: str = "auto", columns: list[str] | None = None
+    path: str | os.PathLike[str],
+    fmt: str = "auto",
+    columns: list[str] | None = None,
+    hint: str = "set data.text_column / data.label_column to the right names",
 ) -> pa.Table:
     """Read JSONL/CSV/Parquet rows (e.g. text classification data) from a file or glob.
 
@@ -447,15 +450,17 @@ def read_records(
         path: File or glob.
         fmt: "auto" (from the extension), "jsonl", "csv" or "parquet".
         columns: Columns to keep; each row must have them. Default: those of the first row.
+        hint: What the user can do about a missing column (ends the error message).
 
     Returns:
         A table with ``columns`` plus ``line`` (the row's line; the record/row number for JSON arrays and
-        Parquet). CSV values are strings.
+        Parquet). CSV values are strings. Schema metadata: ``source``, ``num_rows`` and ``files`` (as in
+        :func:`read_token_tags`, so :func:`row_location` can name ``file:line``).
     """
-    hint = "set data.text_column / data.label_column to the right names"
-    tables = []
+    tables, files = [], []
     for file in _expand(path):
         unit, lines, rows = _rows(file, _format_of(file, fmt), columns, hint)
+        files.append([file, len(rows), unit])
         if not rows:
             raise DataError(f"{file}: no records found; the file is empty")
         names = columns or list(rows[0])
@@ -478,7 +483,38 @@ def read_records(
         table = pa.concat_tables(tables, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise DataError(f"{path}: the files do not share column types ({e})") from None
-    return table.replace_schema_metadata({"source": os.fspath(path), "num_rows": str(table.num_rows)})
+    return table.replace_schema_metadata(
+        {"source": os.fspath(path), "num_rows": str(table.num_rows), "files": json.dumps(files)}
+    )
+
+
+def read_class_folders(path: str | os.PathLike[str]) -> pa.Table:
+    """Read a folder-per-class layout: ``path/<label>/<name>.txt``, one example per file.
+
+    Returns:
+        A table with ``text`` (the file's text, stripped), ``label`` (its folder's name) and ``line``
+        (always 1), with ``files`` metadata so :func:`row_location` names each file.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a directory; a folder-per-class layout is DIR/<label>/<file>.txt")
+    texts, labels, files = [], [], []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for file in sorted(f for f in folder.rglob("*") if f.is_file() and not f.name.startswith(".")):
+            text = _read_text(str(file)).strip()
+            if not text:
+                raise DataError(f"{file}:1: empty file; every file of {folder} must hold one example's text")
+            texts.append(text)
+            labels.append(folder.name)
+            files.append([str(file), 1, "line"])
+    if not texts:
+        raise DataError(
+            f"{root}: no examples found; expected one sub-folder per class holding one text file per example"
+        )
+    table = pa.table({"text": texts, "label": labels, "line": pa.array([1] * len(texts), pa.int64())})
+    return table.replace_schema_metadata(
+        {"source": os.fspath(path), "num_rows": str(table.num_rows), "files": json.dumps(files)}
+    )
 
 
 def _row_location(table: pa.Table, source: str, row: int, word: int) -> str:
@@ -494,6 +530,22 @@ def _row_location(table: pa.Table, source: str, row: int, word: int) -> str:
                 return _where(file, unit, line, word)
             row -= n
     return f"{source}:{line}"
+
+
+def row_location(table: pa.Table, row: int) -> str:
+    """``file:line`` (or ``file: row N``) of ``table``'s row ``row``, for tables these readers return."""
+    meta = table.schema.metadata or {}
+    return _row_location(table, meta.get(b"source", b"<table>").decode(), row, 0)
+
+
+class RowLocation:
+    """:func:`row_location` of a row, worked out only when formatted (i.e. in an error message)."""
+
+    def __init__(self, table: pa.Table, row: int) -> None:
+        self.table, self.row = table, row
+
+    def __str__(self) -> str:
+        return row_location(self.table, self.row)
 
 
 def validate_tags(table: pa.Table, label_set: Iterable[str], source: str) -> None:

@@ -61,6 +61,8 @@ def evaluate(
         last_batch = batch
     for _ in range(most_batches - len(source)):
         engine.forward(last_batch if last_batch is not None else _any_batch(split, task))
+    samples = getattr(task, "generate_samples", None)  # every rank generates (ZeRO-3 forwards are collective)
+    generated = samples(engine.module, split) if samples is not None else None
     engine.train(True)
     gathered = context.all_gather_object((predictions, loss_sum, loss_tokens))
     metrics = None
@@ -69,6 +71,8 @@ def evaluate(
         metrics = task.score(merged, split, labels)
         total_tokens = sum(n for _, _, n in gathered)
         metrics["loss"] = sum(s for _, s, _ in gathered) / max(total_tokens, 1)
+        if generated:
+            metrics["samples"] = generated
     return context.broadcast_object(metrics)
 
 

@@ -91,6 +91,9 @@ def build_job(
     set_seed(config.train.seed)
     tokenizer = load_tokenizer(config.model.name, config.model.revision)
     task = get_task(config)
+    prepare_tokenizer = getattr(task, "prepare_tokenizer", None)
+    if prepare_tokenizer is not None:  # e.g. entity-marker tokens, also when Ray delivers the data
+        prepare_tokenizer(tokenizer)
     if data is None:
         data = prepare_data_once(task, tokenizer, data_splits(config), None, context)
     if context.is_main and data.labels is not None:

@@ -1,0 +1,411 @@
+"""Sequence classification: single- or multi-label, single texts or text pairs, relation classification.
+
+Data: JSONL / CSV / Parquet columns named by ``data.text_column`` (+ ``data.text_pair_column``) and
+``data.label_column``, or a folder-per-class layout. Multi-label labels are a list, a JSON list string,
+or a string split at ``data.label_delimiter``. Relation classification marks the two arguments in the text
+(``[E1] ... [/E1]``, ``[E2] ... [/E2]``); ``data.entity_markers`` adds the markers to the tokenizer as
+unsplittable tokens and grows the embeddings. The loss is computed here (``data.class_weights``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distributed_ft.config.schema import JobConfig
+from distributed_ft.data import readers
+from distributed_ft.data.builtin import resolve
+from distributed_ft.data.prepare import (
+    PreparedDataset,
+    SplitStats,
+    default_cache_dir,
+    fingerprint,
+    hash_tokenizer,
+    prepare,
+)
+from distributed_ft.data.sources import Batch
+from distributed_ft.errors import ConfigError, DataError
+from distributed_ft.modeling.build import build_model, load_tokenizer
+from distributed_ft.tasks.classification_data import (
+    add_marker_tokens,
+    check_known_labels,
+    check_markers,
+    entity_markers,
+    hash_source,
+    label_order,
+    parse_labels,
+    text_value,
+)
+from distributed_ft.tasks.classification_metrics import classification_metrics, format_classification_report
+
+log = logging.getLogger("distributed_ft")
+ENCODE_CHUNK = 2048
+METRICS = ("accuracy", "macro_f1", "micro_f1", "weighted_f1", "loss")
+PREDICT_FORMATS = ("text", "jsonl")
+
+
+def _pad(sequences: list[np.ndarray], value: int) -> torch.Tensor:
+    width = max(len(s) for s in sequences)
+    out = np.full((len(sequences), width), value, dtype=np.int64)
+    for row, seq in enumerate(sequences):
+        out[row, : len(seq)] = seq
+    return torch.from_numpy(out)
+
+
+# --------------------------------------------------------------------------- the task
+class SequenceClassificationTask:
+    """Text and text-pair classification, single- or multi-label, with optional entity markers."""
+
+    name = "sequence_classification"
+    default_metric = "macro_f1"
+
+    def __init__(self, config: JobConfig) -> None:
+        self.config = config
+        data = config.data
+        self.multi_label = data.multi_label
+        self.markers = entity_markers(data.entity_markers)
+        self.pair = data.text_pair_column
+        self.pad_token_id = 0
+        self.labels: list[str] = []
+        self.class_weights: torch.Tensor | None = None
+        self.tokenizer: Any = None
+
+    # ----------------------------------------------------------------- data
+    def prepare_tokenizer(self, tokenizer: Any) -> Any:
+        """Add the entity markers and make sure there is a padding token (the run exports this tokenizer)."""
+        added = add_marker_tokens(tokenizer, self.markers)
+        if added:
+            log.info("added %d entity-marker tokens to the tokenizer: %s", added, " ".join(self.markers))
+        if tokenizer.pad_token is None:
+            if tokenizer.eos_token is None:
+                raise ConfigError(f"the tokenizer of {self.config.model.name!r} has no pad or eos token")
+            tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer, self.pad_token_id = tokenizer, tokenizer.pad_token_id
+        return tokenizer
+
+    def _is_folder(self, path: str) -> bool:
+        fmt = self.config.data.format
+        return fmt == "folder" or (fmt == "auto" and os.path.isdir(path))
+
+    def read(self, path: str, labelled: bool = True) -> pa.Table:
+        """Read and validate one split into ``text`` (+ ``text_pair``), ``labels`` and ``line``."""
+        data, path = self.config.data, resolve(path)
+        text_column, label_column = data.text_column, data.label_column
+        if self._is_folder(path):
+            if self.multi_label or self.pair:
+                raise ConfigError("a folder-per-class layout holds single-label, single-text examples")
+            table, text_column, label_column = readers.read_class_folders(path), "text", "label"
+        else:
+            columns = [
+                text_column,
+                *([self.pair] if self.pair else []),
+                *([label_column] if labelled else []),
+            ]
+            table = readers.read_records(path, data.format, columns)
+        return self._validated(table, text_column, self.pair, label_column if labelled else None)
+
+    def _validated(
+        self, table: pa.Table, text_column: str, pair_column: str | None, label_column: str | None
+    ) -> pa.Table:
+        data = self.config.data
+        columns: dict[str, list] = {"text": [], "text_pair": [], "labels": []}
+        texts = table.column(text_column).to_pylist()
+        pairs = table.column(pair_column).to_pylist() if pair_column else None
+        values = table.column(label_column).to_pylist() if label_column else None
+        for row, text in enumerate(texts):
+            where = readers.RowLocation(table, row)
+            columns["text"].append(text_value(text, where, text_column))
+            if pairs is not None:
+                columns["text_pair"].append(text_value(pairs[row], where, pair_column))
+            if self.markers:
+                check_markers(text + " " + (pairs[row] if pairs else ""), self.markers, where)
+            if values is not None:
+                labels = parse_labels(
+                    values[row], where, label_column, self.multi_label, data.label_delimiter
+                )
+                columns["labels"].append(labels)
+        out = {"text": pa.array(columns["text"], pa.string())}
+        if pairs is not None:
+            out["text_pair"] = pa.array(columns["text_pair"], pa.string())
+        if values is not None:
+            out["labels"] = pa.array(columns["labels"], pa.list_(pa.string()))
+        out["line"] = table.column("line")
+        return pa.table(out).replace_schema_metadata(table.schema.metadata)
+
+    def _limit(self, table: pa.Table, split: str) -> pa.Table:
+        data = self.config.data
+        limit = {"train": data.max_train_samples, "validation": data.max_eval_samples}.get(
+            split, data.max_test_samples
+        )
+        return table.slice(0, limit) if limit else table
+
+    def _check_metric(self) -> None:
+        metric = self.config.eval.metric
+        if metric not in METRICS:
+            raise ConfigError(
+                f"eval.metric={metric!r} is not a {self.name} metric; use one of {', '.join(METRICS)}"
+            )
+
+    def compute_class_weights(self, train: pa.Table) -> torch.Tensor | None:
+        """``balanced`` weights from the training labels (``None`` when ``data.class_weights=none``)."""
+        if self.config.data.class_weights == "none":
+            return None
+        index = {label: i for i, label in enumerate(self.labels)}
+        counts = np.zeros(len(self.labels))
+        for labels in train.column("labels").to_pylist():
+            for label in labels:
+                counts[index[label]] += 1
+        if self.multi_label:  # positive weight per class: negatives / positives
+            weights = np.where(counts > 0, (train.num_rows - counts) / np.maximum(counts, 1), 1.0)
+        else:  # inverse frequency, as scikit-learn's "balanced"
+            weights = train.num_rows / (len(self.labels) * np.maximum(counts, 1))
+        return torch.tensor(weights, dtype=torch.float32)
+
+    def prepare_data(
+        self, tokenizer: Any, splits: dict[str, str], labels: list[str] | None = None
+    ) -> PreparedDataset:
+        """Read and validate every split, fix the labels from ``train``, encode and cache."""
+        self.prepare_tokenizer(tokenizer)
+        data = self.config.data
+        tables = {split: self.read(path) for split, path in splits.items()}
+        if labels is None:
+            if "train" not in tables:
+                raise DataError("data.train is needed to fix the label set")
+            self._check_metric()
+            labels = label_order(
+                {lab for labs in tables["train"].column("labels").to_pylist() for lab in labs}
+            )
+        for table in tables.values():
+            check_known_labels(table, labels)
+        tables = {split: self._limit(table, split) for split, table in tables.items()}
+        self.labels = labels
+        if "train" in tables:
+            self.class_weights = self.compute_class_weights(tables["train"])
+            if self.class_weights is not None:
+                log.info("class weights: %s", dict(zip(labels, self.class_weights.tolist(), strict=True)))
+        label2id = {label: i for i, label in enumerate(labels)}
+        key = fingerprint(
+            {
+                "task": self.name,
+                "files": {split: hash_source(resolve(path)) for split, path in splits.items()},
+                "tokenizer": hash_tokenizer(tokenizer),
+                "labels": labels,
+                "max_length": data.max_length,
+                "reader": [data.format, data.text_column, self.pair, data.label_column, data.label_delimiter],
+                "multi_label": self.multi_label,
+                "markers": self.markers,
+                "limits": [data.max_train_samples, data.max_eval_samples, data.max_test_samples],
+            }
+        )
+        encoders = [
+            (split, lambda t=table, s=split: self.encode(t, tokenizer, label2id, s))
+            for split, table in tables.items()
+        ]
+        cache_dir = Path(data.cache_dir).expanduser() if data.cache_dir else default_cache_dir()
+        weights = None if self.class_weights is None else self.class_weights.tolist()
+        return prepare(
+            cache_dir,
+            key,
+            encoders,
+            labels=labels,
+            shard_rows=data.shard_rows,
+            meta={"class_weights": weights},
+        )
+
+    def encode(
+        self, table: pa.Table, tokenizer: Any, label2id: dict[str, int] | None, split: str = "input"
+    ) -> tuple[pa.Table, SplitStats]:
+        """Tokenize texts (and pairs); ``label_ids`` only when ``label2id`` is given."""
+        texts = table.column("text").to_pylist()
+        pairs = table.column("text_pair").to_pylist() if "text_pair" in table.column_names else None
+        keep_types = "token_type_ids" in tokenizer.model_input_names
+        marker_ids = set(tokenizer.convert_tokens_to_ids(self.markers))
+        columns: dict[str, list] = {"input_ids": [], "token_type_ids": []}
+        stats, markers_cut = SplitStats(examples=len(texts)), 0
+        for start in range(0, len(texts), ENCODE_CHUNK):
+            chunk_pairs = pairs[start : start + ENCODE_CHUNK] if pairs else None
+            encoding = tokenizer(
+                texts[start : start + ENCODE_CHUNK],
+                chunk_pairs,
+                truncation=True,
+                max_length=self.config.data.max_length,
+            )
+            for i, ids in enumerate(encoding["input_ids"]):
+                columns["input_ids"].append(ids)
+                if keep_types:
+                    columns["token_type_ids"].append(encoding["token_type_ids"][i])
+                stats.truncated_examples += bool(encoding.encodings[i].overflowing)
+                markers_cut += bool(marker_ids - set(ids))
+                stats.tokens += len(ids)
+        int_list = pa.list_(pa.int32())
+        out = {
+            "example_id": pa.array(np.arange(len(texts)), pa.int64()),
+            "input_ids": pa.array(columns["input_ids"], int_list),
+        }
+        if keep_types:
+            out["token_type_ids"] = pa.array(columns["token_type_ids"], int_list)
+        if label2id is not None:
+            ids = [[label2id[label] for label in labels] for labels in table.column("labels").to_pylist()]
+            out["label_ids"] = pa.array(ids, int_list)
+        out["length"] = pa.array([len(ids) for ids in columns["input_ids"]], pa.int32())
+        out["line"] = table.column("line")
+        stats.extra = {"truncated_examples": stats.truncated_examples, "markers_cut": markers_cut}
+        stats.truncated_examples = 0  # SplitStats.describe words truncation for NER; reported here instead
+        if stats.extra["truncated_examples"] or markers_cut:
+            log.warning(
+                "%s: %d examples truncated to data.max_length=%d (%d lost an entity marker); raise "
+                "data.max_length to keep them whole",
+                split,
+                stats.extra["truncated_examples"],
+                self.config.data.max_length,
+                markers_cut,
+            )
+        return pa.table(out), stats
+
+    def collate(self, rows: list[dict[str, Any]], with_meta: bool = False) -> Batch:
+        """Dynamic padding; ``labels`` are ids (single-label) or a 0/1 float matrix (multi-label)."""
+        batch: Batch = {
+            "input_ids": _pad([r["input_ids"] for r in rows], self.pad_token_id),
+            "attention_mask": _pad([np.ones(len(r["input_ids"])) for r in rows], 0),
+        }
+        if "token_type_ids" in rows[0]:
+            batch["token_type_ids"] = _pad([r["token_type_ids"] for r in rows], 0)
+        if "label_ids" in rows[0]:
+            if self.multi_label:
+                labels = torch.zeros(len(rows), len(self.labels))
+                for i, r in enumerate(rows):
+                    labels[i, torch.from_numpy(np.array(r["label_ids"], dtype=np.int64))] = 1.0
+            else:
+                labels = torch.tensor([int(r["label_ids"][0]) for r in rows], dtype=torch.long)
+            batch["labels"] = labels
+        if with_meta:
+            batch["meta"] = [int(r["example_id"]) for r in rows]
+        return batch
+
+    # ----------------------------------------------------------------- model
+    def _vocab_size(self) -> int:
+        """The tokenizer's length with markers (loads the base tokenizer when none was prepared)."""
+        if self.tokenizer is None:
+            self.prepare_tokenizer(load_tokenizer(self.config.model.name, self.config.model.revision))
+        return len(self.tokenizer)
+
+    def build_model(self, labels: list[str] | None) -> nn.Module:
+        self.labels = list(labels or self.labels)
+        problem = "multi_label_classification" if self.multi_label else "single_label_classification"
+        vocab_size = self._vocab_size()
+        return build_model(
+            self.name,
+            self.config.model,
+            self.labels,
+            vocab_size=vocab_size,
+            problem_type=problem,
+            pad_token_id=self.pad_token_id,
+        )
+
+    def loss(self, outputs: Any, batch: Batch) -> torch.Tensor:
+        """Cross-entropy (single-label) or binary cross-entropy (multi-label), class-weighted when asked."""
+        logits = outputs.logits.float()
+        weights = None if self.class_weights is None else self.class_weights.to(logits.device)
+        if self.multi_label:
+            return F.binary_cross_entropy_with_logits(logits, batch["labels"].float(), pos_weight=weights)
+        return F.cross_entropy(logits, batch["labels"], weight=weights)
+
+    # ----------------------------------------------------------------- evaluation
+    def predictions(self, outputs: Any, batch: Batch) -> list[tuple[int, np.ndarray]]:
+        """Per example: class probabilities (softmax, or sigmoid per class for multi-label)."""
+        logits = outputs.logits.float()
+        probs = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, -1)
+        return list(zip(batch["meta"], probs.cpu().numpy(), strict=True))
+
+    def decide(self, probs: np.ndarray) -> np.ndarray:
+        """Predicted ids ``(n,)`` (argmax) or a 0/1 matrix (multi-label: probability >= 0.5)."""
+        return (probs >= 0.5).astype(np.int64) if self.multi_label else probs.argmax(-1)
+
+    def score(self, predictions: dict[int, np.ndarray], split: pa.Table, labels: list[str]) -> dict[str, Any]:
+        """Classification metrics of ``predictions`` against the gold labels of the prepared ``split``."""
+        ids = split.column("example_id").to_pylist()
+        gold = split.column("label_ids").to_pylist()
+        probs = np.stack([predictions[i] for i in ids]) if ids else np.zeros((0, len(labels)))
+        if self.multi_label:
+            y_true = np.zeros((len(ids), len(labels)), dtype=np.int64)
+            for row, label_ids in enumerate(gold):
+                y_true[row, label_ids] = 1
+        else:
+            y_true = np.array([g[0] for g in gold], dtype=np.int64)
+        return classification_metrics(y_true, self.decide(probs), labels)
+
+    def format_report(self, metrics: dict[str, Any]) -> str:
+        return format_classification_report(metrics)
+
+    # ----------------------------------------------------------------- prediction
+    def read_unlabeled(self, path: str, fmt: str, tokenizer: Any) -> pa.Table:
+        """``text``: one example per line (``TEXT<TAB>PAIR`` with pairs); ``jsonl``: the text column(s)."""
+        if fmt not in PREDICT_FORMATS:
+            raise DataError(
+                f"--format {fmt!r} does not fit {self.name}; use one of {', '.join(PREDICT_FORMATS)}"
+            )
+        if fmt == "jsonl":
+            return self.read(path, labelled=False)
+        texts, pairs, lines = [], [], []
+        with open(path, encoding="utf-8") as handle:
+            for number, raw in enumerate(handle, start=1):
+                line = raw.rstrip("\r\n")
+                if not line.strip():
+                    continue
+                if self.pair:
+                    if "\t" not in line:
+                        raise DataError(
+                            f"{path}:{number}: expected TEXT<TAB>PAIR (data.text_pair_column is set)"
+                        )
+                    line, pair = line.split("\t", 1)
+                    pairs.append(pair)
+                texts.append(line)
+                lines.append(number)
+        if not texts:
+            raise DataError(f"{path}: no texts to predict")
+        columns = {"text": texts, **({"text_pair": pairs} if self.pair else {})}
+        table = pa.table({**columns, "line": pa.array(lines, pa.int64())})
+        meta = {"source": path, "files": json.dumps([[path, len(texts), "line"]])}
+        pair_column = "text_pair" if self.pair else None
+        return self._validated(table.replace_schema_metadata(meta), "text", pair_column, None)
+
+    def encode_unlabeled(self, inputs: pa.Table, tokenizer: Any) -> pa.Table:
+        return self.encode(inputs, tokenizer, None)[0]
+
+    def write_predictions(
+        self,
+        inputs: pa.Table,
+        predictions: dict[int, np.ndarray],
+        labels: list[str],
+        output: str | None,
+        fmt: str,
+    ) -> None:
+        """JSONL: the input text(s), the predicted ``label`` (multi-label: ``labels``) and all ``scores``."""
+        import sys
+
+        texts = inputs.column("text").to_pylist()
+        pairs = inputs.column("text_pair").to_pylist() if "text_pair" in inputs.column_names else None
+        handle = open(output, "w", encoding="utf-8") if output else sys.stdout  # noqa: SIM115
+        try:
+            for i, text in enumerate(texts):
+                probs = predictions[i]
+                record: dict[str, Any] = {"text": text, **({"text_pair": pairs[i]} if pairs else {})}
+                decided = self.decide(probs[None])[0]
+                if self.multi_label:
+                    record["labels"] = [labels[j] for j in np.flatnonzero(decided)]
+                else:
+                    record["label"] = labels[int(decided)]
+                record["scores"] = {label: round(float(p), 6) for label, p in zip(labels, probs, strict=True)}
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        finally:
+            if output:
+                handle.close()
