@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from distributed_ft.data import builtin
 from distributed_ft.data.readers import (
     describe,
     detect_scheme,
@@ -20,11 +21,6 @@ from distributed_ft.data.readers import (
     validate_tags,
 )
 from distributed_ft.errors import DataError
-
-NEURONER = (
-    Path(__file__).resolve().parents[2] / ".venv/lib/python3.11/site-packages/neuroner/data/conll2003/en"
-)
-SHARED = Path("/work/shared/data/conll2003")
 
 SENTENCES = [
     (["EU", "rejects", "German", "call"], ["B-ORG", "O", "B-MISC", "O"]),
@@ -390,13 +386,10 @@ def test_read_records(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("name", "count"),
-    [("train.txt", 14041), ("valid.txt", 3250), ("test.txt", 3453)],
+    [("train", 14041), ("validation", 3250), ("test", 3453)],
 )
 def test_real_conll2003(name: str, count: int) -> None:
-    path = NEURONER / name
-    if not path.exists():
-        pytest.skip(f"{path} is not installed")
-    table = read_token_tags(path)
+    table = read_token_tags(builtin.resolve(f"builtin:conll2003/{name}"))
     assert table.num_rows == count
     assert table.schema.metadata[b"scheme"] == b"iob2"
     assert label_list([table]) == [
@@ -410,11 +403,3 @@ def test_real_conll2003(name: str, count: int) -> None:
         "B-PER",
         "I-PER",
     ]
-
-
-@pytest.mark.parametrize(("name", "count"), [("eng.train", 14041), ("eng.testa", 3250), ("eng.testb", 3453)])
-def test_real_conll2003_shared(name: str, count: int) -> None:
-    path = SHARED / name
-    if not path.exists():
-        pytest.skip(f"{path} is not available")
-    assert read_token_tags(path).num_rows == count
