@@ -22,6 +22,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from distributed_ft.config.schema import DataConfig
+
 PREPARE_VERSION = 1
 MANIFEST = "manifest.json"
 
@@ -102,6 +104,14 @@ class PreparedDataset:
     labels: list[str] | None
     reused: bool
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+def limit_split(table: pa.Table, split: str, data: DataConfig) -> pa.Table:
+    """The first ``data.max_{train,eval,test}_samples`` rows of a split (``eval`` means validation)."""
+    limit = {"train": data.max_train_samples, "validation": data.max_eval_samples}.get(
+        split, data.max_test_samples
+    )
+    return table.slice(0, limit) if limit else table
 
 
 def _write_shards(table: pa.Table, directory: Path, split: str, shard_rows: int) -> list[str]:

@@ -12,6 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 Batch = dict[str, Any]
 Collate = Callable[[list[dict[str, Any]]], Batch]
@@ -57,6 +58,15 @@ class RowReader:
         for name, (values, offsets) in self._lists.items():
             out[name] = values[offsets[index] : offsets[index + 1]]
         return out
+
+
+def pad_sequences(sequences: list[np.ndarray], value: int) -> torch.Tensor:
+    """Right-pad 1-D integer sequences to the longest one (dynamic padding) as an int64 tensor."""
+    width = max(len(s) for s in sequences)
+    out = np.full((len(sequences), width), value, dtype=np.int64)
+    for row, seq in enumerate(sequences):
+        out[row, : len(seq)] = seq
+    return torch.from_numpy(out)
 
 
 def length_grouped_order(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:

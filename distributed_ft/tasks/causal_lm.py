@@ -35,6 +35,7 @@ from distributed_ft.data.prepare import (
     fingerprint,
     hash_files,
     hash_tokenizer,
+    limit_split,
     prepare,
 )
 from distributed_ft.data.sources import Batch
@@ -173,13 +174,6 @@ class CausalLMTask:
         )
         return out.replace_schema_metadata(table.schema.metadata)
 
-    def _limit(self, table: pa.Table, split: str) -> pa.Table:
-        data = self.config.data
-        limit = {"train": data.max_train_samples, "validation": data.max_eval_samples}.get(
-            split, data.max_test_samples
-        )
-        return table.slice(0, limit) if limit else table
-
     def prepare_data(
         self, tokenizer: Any, splits: dict[str, str], labels: list[str] | None = None
     ) -> PreparedDataset:
@@ -191,7 +185,9 @@ class CausalLMTask:
                 f"eval.metric={self.config.eval.metric!r} is not a {self.name} metric; "
                 f"use one of {', '.join(METRICS)}"
             )
-        tables = {split: self._limit(self.read(path), split) for split, path in splits.items()}
+        tables = {
+            split: limit_split(self.read(path), split, self.config.data) for split, path in splits.items()
+        }
         key = fingerprint(
             {
                 "task": self.name,

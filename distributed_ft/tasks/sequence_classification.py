@@ -30,9 +30,10 @@ from distributed_ft.data.prepare import (
     default_cache_dir,
     fingerprint,
     hash_tokenizer,
+    limit_split,
     prepare,
 )
-from distributed_ft.data.sources import Batch
+from distributed_ft.data.sources import Batch, pad_sequences
 from distributed_ft.errors import ConfigError, DataError
 from distributed_ft.modeling.build import build_model, load_tokenizer
 from distributed_ft.tasks.classification_data import (
@@ -51,14 +52,6 @@ log = logging.getLogger("distributed_ft")
 ENCODE_CHUNK = 2048
 METRICS = ("accuracy", "macro_f1", "micro_f1", "weighted_f1", "loss")
 PREDICT_FORMATS = ("text", "jsonl")
-
-
-def _pad(sequences: list[np.ndarray], value: int) -> torch.Tensor:
-    width = max(len(s) for s in sequences)
-    out = np.full((len(sequences), width), value, dtype=np.int64)
-    for row, seq in enumerate(sequences):
-        out[row, : len(seq)] = seq
-    return torch.from_numpy(out)
 
 
 # --------------------------------------------------------------------------- the task
@@ -141,13 +134,6 @@ class SequenceClassificationTask:
         out["line"] = table.column("line")
         return pa.table(out).replace_schema_metadata(table.schema.metadata)
 
-    def _limit(self, table: pa.Table, split: str) -> pa.Table:
-        data = self.config.data
-        limit = {"train": data.max_train_samples, "validation": data.max_eval_samples}.get(
-            split, data.max_test_samples
-        )
-        return table.slice(0, limit) if limit else table
-
     def _check_metric(self) -> None:
         metric = self.config.eval.metric
         if metric not in METRICS:
@@ -186,7 +172,7 @@ class SequenceClassificationTask:
             )
         for table in tables.values():
             check_known_labels(table, labels)
-        tables = {split: self._limit(table, split) for split, table in tables.items()}
+        tables = {split: limit_split(table, split, self.config.data) for split, table in tables.items()}
         self.labels = labels
         if "train" in tables:
             self.class_weights = self.compute_class_weights(tables["train"])
@@ -274,11 +260,11 @@ class SequenceClassificationTask:
     def collate(self, rows: list[dict[str, Any]], with_meta: bool = False) -> Batch:
         """Dynamic padding; ``labels`` are ids (single-label) or a 0/1 float matrix (multi-label)."""
         batch: Batch = {
-            "input_ids": _pad([r["input_ids"] for r in rows], self.pad_token_id),
-            "attention_mask": _pad([np.ones(len(r["input_ids"])) for r in rows], 0),
+            "input_ids": pad_sequences([r["input_ids"] for r in rows], self.pad_token_id),
+            "attention_mask": pad_sequences([np.ones(len(r["input_ids"])) for r in rows], 0),
         }
         if "token_type_ids" in rows[0]:
-            batch["token_type_ids"] = _pad([r["token_type_ids"] for r in rows], 0)
+            batch["token_type_ids"] = pad_sequences([r["token_type_ids"] for r in rows], 0)
         if "label_ids" in rows[0]:
             if self.multi_label:
                 labels = torch.zeros(len(rows), len(self.labels))

@@ -27,9 +27,10 @@ from distributed_ft.data.prepare import (
     fingerprint,
     hash_files,
     hash_tokenizer,
+    limit_split,
     prepare,
 )
-from distributed_ft.data.sources import Batch
+from distributed_ft.data.sources import Batch, pad_sequences
 from distributed_ft.errors import DataError
 from distributed_ft.modeling.build import build_model
 
@@ -114,14 +115,6 @@ def encode_sentences(
     return prepared, stats
 
 
-def _pad(sequences: list[np.ndarray], value: int) -> torch.Tensor:
-    width = max(len(s) for s in sequences)
-    out = np.full((len(sequences), width), value, dtype=np.int64)
-    for row, seq in enumerate(sequences):
-        out[row, : len(seq)] = seq
-    return torch.from_numpy(out)
-
-
 class TokenClassificationTask:
     """NER and other word-tagging tasks."""
 
@@ -145,20 +138,15 @@ class TokenClassificationTask:
             tag_scheme=data.tag_scheme,
         )
 
-    def _limit(self, table: pa.Table, split: str) -> pa.Table:
-        data = self.config.data
-        limit = {"train": data.max_train_samples, "validation": data.max_eval_samples}.get(
-            split, data.max_test_samples
-        )
-        return table.slice(0, limit) if limit else table
-
     def prepare_data(
         self, tokenizer: Any, splits: dict[str, str], labels: list[str] | None = None
     ) -> PreparedDataset:
         """Read every split, fix the label list from ``train``, validate the rest, encode and cache."""
         self.pad_token_id = tokenizer.pad_token_id or 0
         data = self.config.data
-        tables = {split: self._limit(self.read(path), split) for split, path in splits.items()}
+        tables = {
+            split: limit_split(self.read(path), split, self.config.data) for split, path in splits.items()
+        }
         if labels is None:
             if "train" not in tables:
                 raise DataError("data.train is needed to fix the label set")
@@ -190,11 +178,11 @@ class TokenClassificationTask:
 
     def collate(self, rows: list[dict[str, Any]], with_meta: bool = False) -> Batch:
         """Dynamic padding to the longest example of the batch."""
-        input_ids = _pad([r["input_ids"] for r in rows], self.pad_token_id)
+        input_ids = pad_sequences([r["input_ids"] for r in rows], self.pad_token_id)
         batch: Batch = {
             "input_ids": input_ids,
-            "attention_mask": _pad([np.ones(len(r["input_ids"])) for r in rows], 0),
-            "labels": _pad([r["labels"] for r in rows], IGNORE),
+            "attention_mask": pad_sequences([np.ones(len(r["input_ids"])) for r in rows], 0),
+            "labels": pad_sequences([r["labels"] for r in rows], IGNORE),
         }
         if with_meta:
             batch["meta"] = [(int(r["example_id"]), r["word_starts"]) for r in rows]
