@@ -161,7 +161,9 @@ def test_lora_under_zero3_on_two_processes(tiny_bert, tiny_conll, tmp_path, caps
     # the adapter export reloaded with peft must predict the same; the merged export within fp32 rounding
     out = tmp_path / "engine"
     out.mkdir()
-    done = mp_helpers.torchrun([str(run_dir), str(out)], script=mp_helpers.SCRIPTS / "peft_engine_predict.py")
+    done = mp_helpers.torchrun(
+        [str(run_dir), str(out), "--merge-lora"], script=mp_helpers.SCRIPTS / "engine_predict.py"
+    )
     print(f"ZeRO-3 LoRA: engine reload + merged export under torchrun took {done.seconds:.1f} s")
     assert done.returncode == 0, mp_helpers.describe(done)
     records = torch.load(out / "predictions.pt")

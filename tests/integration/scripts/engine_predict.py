@@ -1,9 +1,11 @@
-"""Reload a DeepSpeed run's best checkpoint into a fresh engine and record what it predicts (tests only).
+"""Reload a run's best checkpoint into a fresh engine and record what it predicts (tests only).
 
-Usage: ``torchrun --nproc_per_node N engine_predict.py RUN_DIR OUT_DIR``. It
+Usage: ``torchrun --nproc_per_node N engine_predict.py RUN_DIR OUT_DIR [--merge-lora]``. It
 
-1. runs ``dft export RUN_DIR --out OUT_DIR/export`` under the launcher (same world size as training);
-2. builds the run's engine, loads ``checkpoints/best`` and writes ``OUT_DIR/state_bytes-rankR.json``;
+1. runs ``dft export RUN_DIR --out OUT_DIR/export`` under the launcher (same world size as training, so
+   ZeRO-3 gathers the partitioned parameters), or ``--out OUT_DIR/merged --merge-lora`` for a PEFT run;
+2. builds the run's engine with the model as the loop builds it (PEFT-wrapped when the run used PEFT),
+   loads ``checkpoints/best`` and writes ``OUT_DIR/state_bytes-rankR.json``;
 3. forwards every test batch on every rank (ZeRO-3 gathers need all ranks) and rank 0 saves the inputs
    and logits to ``OUT_DIR/predictions.pt``.
 """
@@ -21,14 +23,16 @@ from distributed_ft.config.load import load_config
 from distributed_ft.data.sources import ArrowBatchSource
 from distributed_ft.engine import build_engine
 from distributed_ft.modeling.build import load_tokenizer
+from distributed_ft.modeling.peft import apply_peft
 from distributed_ft.runtime.context import create_context
 from distributed_ft.tasks import get_task
 from distributed_ft.train.checkpoint import CheckpointManager
 from distributed_ft.train.job import prepare_data_once
 
 
-def main(run_dir: Path, out: Path) -> int:
-    code = cli.main(["-q", "export", str(run_dir), "--out", str(out / "export")])
+def main(run_dir: Path, out: Path, merge_lora: bool = False) -> int:
+    export = ["--out", str(out / "merged"), "--merge-lora"] if merge_lora else ["--out", str(out / "export")]
+    code = cli.main(["-q", "export", str(run_dir), *export])
     if code:
         return code
     context = create_context()
@@ -36,7 +40,7 @@ def main(run_dir: Path, out: Path) -> int:
     labels = json.loads((run_dir / "labels.json").read_text())
     task = get_task(config)
     engine = build_engine(config, context)
-    engine.prepare(task.build_model(labels), total_steps=1)
+    engine.prepare(apply_peft(task.build_model(labels), config), total_steps=1)
     engine.load(CheckpointManager(run_dir / "checkpoints", context).best)
     (out / f"state_bytes-rank{context.rank}.json").write_text(json.dumps(engine.state_bytes()))
     tokenizer = load_tokenizer(str(run_dir / "export"))
@@ -61,4 +65,4 @@ def main(run_dir: Path, out: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1]), Path(sys.argv[2])))
+    sys.exit(main(Path(sys.argv[1]), Path(sys.argv[2]), merge_lora="--merge-lora" in sys.argv[3:]))
