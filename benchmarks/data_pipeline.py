@@ -76,7 +76,8 @@ def training_pass(config: Any, task: Any, table: Any, labels: list[str], steps: 
     source = _source(config, task, table)
     for batch in source:
         recorder.batch(batch)
-        engine.backward(task.loss(engine.forward(batch), batch))
+        loss = task.loss_sum(engine.forward(batch), batch) / task.loss_weight(batch).clamp(min=1)
+        engine.backward(loss)
         engine.step()
         recorder.step_done()
         if len(recorder.ends) >= steps:

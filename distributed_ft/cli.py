@@ -123,7 +123,7 @@ def _context(config=None):
 
     run = config.run if config is not None else None
     context = create_context(
-        use_gpu=bool(run and run.use_gpu), expected_world_size=run.num_workers if run else None
+        use_gpu=run.use_gpu if run else "auto", expected_world_size=run.num_workers if run else None
     )
     return context, setup_logging
 

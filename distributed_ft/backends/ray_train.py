@@ -27,7 +27,7 @@ from distributed_ft.config.load import validate
 from distributed_ft.config.schema import JobConfig
 from distributed_ft.data.prepare import PreparedDataset, PreparedSplit
 from distributed_ft.errors import LaunchError
-from distributed_ft.runtime.context import ProcessGroupContext
+from distributed_ft.runtime.context import GPU_BACKEND, ProcessGroupContext
 
 log = logging.getLogger("distributed_ft")
 
@@ -70,11 +70,12 @@ class RayContext(ProcessGroupContext):
             self._restored = local
         return self._restored
 
-    def stop_requested(self) -> bool:
-        """Whether Ray announced the pre-emption of a node of this run (a collective call)."""
+    def stop_requested_locally(self) -> bool:
+        """SIGTERM, or Ray announced the pre-emption of a node of this run (asked once per log window)."""
         import ray.train
 
-        return ray.train.get_preemption_info() is not None
+        preempted = ray.train.get_preemption_info() is not None  # a barrier: every rank always asks
+        return super().stop_requested_locally() or preempted
 
 
 class RaySplit(PreparedSplit):
@@ -110,6 +111,17 @@ def train_worker(payload: dict[str, Any]) -> None:
     train(config, context, payload["name"], data=data)
 
 
+def ray_use_gpu(use_gpu: bool | str, cluster_resources: dict[str, float]) -> bool:
+    """``run.use_gpu`` for Ray workers: ``auto`` takes GPUs when the cluster has some now.
+
+    An autoscaling cluster may have no GPU node yet: set ``run.use_gpu=true`` there, and Ray waits for
+    the autoscaler to add one.
+    """
+    if use_gpu == "auto":
+        return cluster_resources.get("GPU", 0) > 0
+    return bool(use_gpu)
+
+
 def _ray_init(num_cpus: int | None) -> None:
     import ray
 
@@ -133,7 +145,7 @@ def train_on_ray(config: JobConfig, name: str) -> tuple[dict[str, Any], str]:
     """Prepare the data, then train with ``run.num_workers`` Ray Train workers; returns results, run dir."""
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from distributed_ft.modeling.build import load_tokenizer
     from distributed_ft.runtime.context import LocalContext
@@ -157,6 +169,8 @@ def train_on_ray(config: JobConfig, name: str) -> tuple[dict[str, Any], str]:
         for split in prepared.splits.values()
     }
     storage = run.storage_path or str(run_dir / "ray")
+    use_gpu = ray_use_gpu(run.use_gpu, ray.cluster_resources())
+    log.info("Ray workers: %d x %s", run.num_workers, "GPU" if use_gpu else "CPU")
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
@@ -170,8 +184,10 @@ def train_on_ray(config: JobConfig, name: str) -> tuple[dict[str, Any], str]:
             },
         },
         scaling_config=ScalingConfig(
-            num_workers=run.num_workers, use_gpu=run.use_gpu, resources_per_worker=run.resources_per_worker
+            num_workers=run.num_workers, use_gpu=use_gpu, resources_per_worker=run.resources_per_worker
         ),
+        # GPU workers: NCCL for tensors, gloo for the pickled objects of object collectives.
+        torch_config=TorchConfig(backend=GPU_BACKEND if use_gpu else "gloo"),
         run_config=RunConfig(
             name=run.ray_run_name or run_dir.name,
             storage_path=storage,

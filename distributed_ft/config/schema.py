@@ -197,7 +197,9 @@ class RunConfig(_Section):
     backend: Literal["local", "ray"] = "local"
     engine: Literal["torch", "deepspeed"] = "torch"
     num_workers: int = Field(1, ge=1)
-    use_gpu: bool = False
+    use_gpu: bool | Literal["auto"] = "auto"
+    """``auto``: a GPU when one is present (the log says which device); ``true`` insists on one; ``false``
+    stays on the CPU. The same for training and for ``dft predict`` / ``evaluate`` / ``export``."""
     resume: str = "auto"
     """``auto`` (newest good checkpoint in ``output_dir`` if any), ``never``, or a checkpoint path."""
     progress: bool = True

@@ -3,11 +3,17 @@
 The batch order of an epoch is a pure function of ``(seed, epoch)``, so resuming at batch ``k`` of an
 epoch is exact: skip ``k`` batches of the same order (no data is re-read or re-trained). Each rank takes
 a disjoint, deterministic subset of the batches.
+
+Batches are collated (and pinned, for a CUDA consumer) by a background thread that keeps ``prefetch``
+batches ready. The position counts batches *handed to the consumer*, not batches prepared: a checkpoint
+taken while two batches wait in the queue resumes at the first of them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -69,6 +75,58 @@ def pad_sequences(sequences: list[np.ndarray], value: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+_DONE = object()
+
+
+def pin_batch(batch: Batch) -> Batch:
+    """Page-locked copies of a batch's tensors, so host-to-GPU copies run asynchronously."""
+    return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def prefetch(items: Iterable[Batch], depth: int, pin: bool = False) -> Iterator[Batch]:
+    """Iterate ``items`` with a background thread keeping up to ``depth`` of them ready (in order).
+
+    An exception in the producer is re-raised in the consumer; closing the iterator early (``break``)
+    stops the producer. ``depth=0`` iterates in the calling thread.
+    """
+    if depth <= 0:
+        for item in items:
+            yield pin_batch(item) if pin else item
+        return
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                item = pin_batch(item) if pin else item
+                while not stop.is_set():
+                    try:
+                        ready.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ready.put(_DONE)
+        except BaseException as exc:  # handed to the consumer, raised there
+            ready.put(exc)
+
+    worker = threading.Thread(target=produce, name="dft-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join(timeout=5)
+
+
 def length_grouped_order(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Batches of similar length in random order: shuffle, sort within mega-batches, shuffle batches."""
     order = rng.permutation(len(lengths))
@@ -93,6 +151,8 @@ class ArrowBatchSource:
         sort_by_length: Without ``shuffle``, batch in length order (fast evaluation; order restored later).
         rank, world_size: This rank takes batches ``rank, rank + world_size, ...``.
         even_batches: Drop the last ``< world_size`` batches so every rank steps equally (training).
+        prefetch: Batches a background thread keeps collated ahead of the consumer (0: none).
+        pin_memory: Pin prefetched batches (set it when the consumer copies them to a GPU).
     """
 
     def __init__(
@@ -108,6 +168,8 @@ class ArrowBatchSource:
         rank: int = 0,
         world_size: int = 1,
         even_batches: bool = True,
+        prefetch: int = 0,
+        pin_memory: bool = False,
     ) -> None:
         self.rows = RowReader(table)
         self.lengths = (
@@ -116,6 +178,7 @@ class ArrowBatchSource:
         self.collate, self.batch_size = collate, batch_size
         self.shuffle, self.group_by_length, self.sort_by_length = shuffle, group_by_length, sort_by_length
         self.seed, self.rank, self.world_size, self.even_batches = seed, rank, world_size, even_batches
+        self.prefetch, self.pin_memory = prefetch, pin_memory
         self.epoch, self.position = 0, 0
         self._plan: list[np.ndarray] | None = None
 
@@ -157,12 +220,20 @@ class ArrowBatchSource:
     def __len__(self) -> int:
         return len(self._batches())
 
-    def __iter__(self) -> Iterator[Batch]:
-        batches = self._batches()
-        while self.position < len(batches):
-            indices = batches[self.position]
-            self.position += 1
+    def _collated(self, plan: list[np.ndarray], start: int) -> Iterator[Batch]:
+        for indices in plan[start:]:
             yield self.collate([self.rows.row(int(i)) for i in indices])
+
+    def __iter__(self) -> Iterator[Batch]:
+        """The remaining batches of this epoch; ``position`` advances as each one is handed out."""
+        plan = self._batches()
+        ready = prefetch(self._collated(plan, self.position), self.prefetch, self.pin_memory)
+        try:
+            for batch in ready:
+                self.position += 1
+                yield batch
+        finally:
+            ready.close()
 
     def state_dict(self) -> dict[str, int]:
         """Epoch and number of batches of it already handed out."""
@@ -170,7 +241,3 @@ class ArrowBatchSource:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position, self._plan = state["epoch"], state["position"], None
-
-    def reset(self) -> None:
-        """Start the current epoch over (evaluation sources are iterated many times)."""
-        self.position = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -14,13 +15,17 @@ class Engine(Protocol):
     """One optimisation step, split where the loop needs to see it.
 
     The loop calls, per micro-batch, ``forward(batch, sync_grads=boundary)`` then ``backward(loss)``, and
-    ``step()`` once at each gradient-accumulation boundary. Loss scaling for accumulation happens once,
-    inside the engine.
+    ``step()`` once at each gradient-accumulation boundary. The loss handed to ``backward`` is already
+    normalised over the whole window (``train/step.py``): engines do not scale it for accumulation.
     """
 
     @property
     def module(self) -> nn.Module:
         """The unwrapped model (for evaluation, prediction and export)."""
+        ...
+
+    def model_construction(self, hidden_size: int | None) -> AbstractContextManager:
+        """The context the model is built in (ZeRO-3: partitioned as it is constructed and loaded)."""
         ...
 
     def prepare(self, model: nn.Module, total_steps: int) -> None:
@@ -33,8 +38,11 @@ class Engine(Protocol):
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
-    def step(self) -> float | None:
-        """Clip, step the optimizer and the schedule, zero gradients; returns the gradient norm."""
+    def step(self) -> torch.Tensor | float | None:
+        """Clip, step the optimizer and the schedule, zero gradients; returns the gradient norm.
+
+        The norm may be a device tensor: the loop reads it on the host only when it logs.
+        """
         ...
 
     @property

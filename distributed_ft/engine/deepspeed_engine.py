@@ -9,25 +9,36 @@ Selected by ``run.engine=deepspeed``. The DeepSpeed JSON is rendered from the jo
   rendered config sets ``zero_force_ds_cpu_optimizer: false`` so torch's AdamW steps the offloaded fp32
   partitions on the CPU instead. DeepSpeed's CPU shared-memory communication op (used only for
   inference all-reduce) is marked unavailable, so training on CPU compiles nothing at all.
+* **Devices**: DeepSpeed's accelerator is pinned to the context's device type before anything else of
+  DeepSpeed runs (``DS_ACCELERATOR`` / ``set_accelerator``), and ``device_rank`` is the context's
+  ``cuda:<local_rank>`` index.
 * **Accumulation**: the loop calls ``forward(batch, sync_grads=boundary)``, ``backward`` every micro-batch
   and ``step`` at the boundary (also on a partial window at the end of an epoch). ``forward`` hands the
   boundary to ``set_gradient_accumulation_boundary`` so DeepSpeed's micro-step counter never decides it.
-  DeepSpeed scales the loss by ``1 / grad_accum`` and clips (``gradient_clipping``) itself, once.
+  The loss arrives normalised over the whole window (``train/step.py``), so ``backward`` passes
+  ``scale_wrt_gas=False``; DeepSpeed clips (``gradient_clipping``) itself, once.
+* **ZeRO-3 construction**: :meth:`DeepSpeedEngine.model_construction` registers ``HfDeepSpeedConfig`` so
+  ``from_pretrained`` builds under ``deepspeed.zero.Init``: each rank only ever holds its partitions.
 * **Checkpoints**: ``save_checkpoint(dir, tag="engine", save_latest=False)`` into the staging directory the
   CheckpointManager renames afterwards; loading names the tag, so no DeepSpeed ``latest`` file is
   involved. ``engine/dft_engine.json`` records the world size and stage that wrote the shards. With frozen
   parameters (PEFT) they are left out (``exclude_frozen_parameters``; rebuilt from the base model) and the
   module is loaded non-strictly: adapter runs write adapter-sized checkpoints.
-* **Export**: ZeRO-3 parameters are gathered layer by layer (rank 0 holds the full state dict); other
-  stages hold full weights on every rank. Rank 0 writes ``save_pretrained``. A checkpoint from another
-  world size or stage is consolidated with ``get_fp32_state_dict_from_zero_checkpoint`` (weights only).
+* **Export**: parameters are gathered one at a time (ZeRO-3) and only those that are saved: an adapter
+  export (frozen base) gathers the trainable parameters alone. Mixed-precision runs (bf16/fp16 module
+  weights) export the fp32 master weights DeepSpeed keeps for them (``safe_get_full_fp32_param``), cast to
+  ``model.dtype`` (float32 by default): never 16-bit values upcast. Rank 0 writes ``save_pretrained``. A
+  checkpoint from another world size or stage is consolidated with
+  ``get_fp32_state_dict_from_zero_checkpoint`` (weights only).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -40,6 +51,7 @@ from distributed_ft.config.schema import JobConfig
 from distributed_ft.engine.optim import build_optimizer, build_scheduler
 from distributed_ft.errors import CheckpointError, ConfigError
 from distributed_ft.runtime.context import RuntimeContext, ensure_process_group
+from distributed_ft.runtime.safe_load import load_checked, verify_torch_files
 
 log = logging.getLogger("distributed_ft")
 
@@ -49,8 +61,15 @@ META_FILE = "dft_engine.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _import_deepspeed() -> Any:
-    """``import deepspeed`` with its INFO chatter reduced to warnings."""
+def _import_deepspeed(device_type: str | None = None) -> Any:
+    """``import deepspeed`` with its INFO chatter reduced to warnings.
+
+    ``device_type`` pins DeepSpeed's accelerator to the context's device (``cuda`` or ``cpu``): left to
+    itself, DeepSpeed picks CUDA whenever a GPU is visible and puts the model on ``cuda:0`` while the
+    batches of a ``run.use_gpu=false`` job stay on the CPU.
+    """
+    if device_type is not None and "deepspeed" not in sys.modules:
+        os.environ["DS_ACCELERATOR"] = device_type  # read by DeepSpeed's first get_accelerator()
     try:
         import deepspeed
     except ImportError as exc:  # pragma: no cover - depends on the installation
@@ -61,7 +80,24 @@ def _import_deepspeed() -> Any:
 
     if not log.isEnabledFor(logging.DEBUG):
         ds_logger.setLevel(logging.WARNING)
+    if device_type is not None:
+        pin_accelerator(device_type)
     return deepspeed
+
+
+def pin_accelerator(device_type: str) -> str:
+    """Make DeepSpeed's accelerator the one of ``device_type``; returns its name (``cuda`` or ``cpu``)."""
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+
+    if device_type not in ("cuda", "cpu"):
+        raise ConfigError(f"run.engine=deepspeed runs on cuda or cpu devices, not {device_type!r}")
+    if get_accelerator().device_name() != device_type:
+        if device_type == "cuda":
+            from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator as Accelerator
+        else:
+            from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator as Accelerator
+        set_accelerator(Accelerator())
+    return get_accelerator().device_name()
 
 
 def _skip_cpu_shm_op(deepspeed: Any) -> None:
@@ -75,6 +111,13 @@ def _skip_cpu_shm_op(deepspeed: Any) -> None:
     compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
     if isinstance(compatible, dict):
         compatible["deepspeed_shm_comm"] = False
+
+
+def checkpoint_types() -> list[Any]:
+    """The plain DeepSpeed types its checkpoint pickles hold, allowed by the safe loader."""
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [ZeroStageEnum]
 
 
 def _as_float(value: Any) -> float | None:
@@ -133,6 +176,8 @@ class DeepSpeedEngine:
         self._check_accelerate_env()
         self._ds: Any = None
         self._model: nn.Module | None = None
+        self._hidden_size: int | None = None
+        self._hf_zero3: Any = None
 
     def _check_accelerate_env(self) -> None:
         """Refuse an ``accelerate launch`` DeepSpeed plugin whose ZeRO stage disagrees with the job."""
@@ -149,22 +194,47 @@ class DeepSpeedEngine:
         assert self._model is not None, "prepare() first"
         return self._model
 
-    def prepare(self, model: nn.Module, total_steps: int) -> None:
-        deepspeed = _import_deepspeed()
+    def _start(self, hidden_size: int | None) -> Any:
+        """Import DeepSpeed on the context's device, make sure a process group exists, render the JSON."""
+        deepspeed = _import_deepspeed(self.context.device.type)
         if self.context.device.type == "cpu":
             _skip_cpu_shm_op(deepspeed)
         ensure_process_group(self.context)
         os.environ.setdefault("LOCAL_RANK", str(self.context.local_rank))  # DeepSpeed reads it
+        if hidden_size is not None or self._hidden_size is None:
+            self._hidden_size = hidden_size
+            self.ds_config = render_deepspeed_config(
+                self.config, self.context.world_size, self.context.device.type, hidden_size=hidden_size
+            )
+        return deepspeed
+
+    @contextlib.contextmanager
+    def model_construction(self, hidden_size: int | None) -> Any:
+        """ZeRO-3: models loaded in here are partitioned as they are built (no rank holds the whole model).
+
+        transformers' ``from_pretrained`` consults the registered ``HfDeepSpeedConfig`` and then constructs
+        under ``deepspeed.zero.Init`` and loads each weight into its partitions. The registration is kept
+        for the engine's life (transformers also reads it when resizing embeddings or generating).
+        """
+        self._start(hidden_size)
+        if self.stage == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_zero3 = HfDeepSpeedConfig(self.ds_config)
+        yield
+
+    def prepare(self, model: nn.Module, total_steps: int) -> None:
         hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-        self.ds_config = render_deepspeed_config(
-            self.config, self.context.world_size, self.context.device.type, hidden_size=hidden
-        )
+        deepspeed = self._start(hidden if self._hidden_size is None else None)
         log.debug("DeepSpeed config: %s", json.dumps(self.ds_config))
         optimizer = build_optimizer(model, self.config.train)
         scheduler = build_scheduler(optimizer, self.config.train, total_steps)
         device = self.context.device
-        # The device comes from the context, not from DeepSpeed's LOCAL_RANK reading (Ray disagrees).
+        # The device comes from the context (always indexed on CUDA), not from DeepSpeed's LOCAL_RANK
+        # reading (Ray and DeepSpeed disagree about it).
         args = SimpleNamespace(device_rank=device.index if device.type == "cuda" else 0)
+        if device.type == "cuda" and device.index is None:
+            raise ConfigError(f"DeepSpeed needs an indexed CUDA device, got {device}")
         self._ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             args=args,
             model=model,
@@ -182,7 +252,7 @@ class DeepSpeedEngine:
         return self._ds(**batch)
 
     def backward(self, loss: torch.Tensor) -> None:
-        self._ds.backward(loss)  # scales by 1 / gradient_accumulation_steps itself
+        self._ds.backward(loss, scale_wrt_gas=False)  # the loop normalised the loss over the window
 
     def step(self) -> float | None:
         self._ds.set_gradient_accumulation_boundary(True)
@@ -227,6 +297,7 @@ class DeepSpeedEngine:
                 another world size or ZeRO stage is then consolidated instead of refused.
         """
         saved = self._saved_layout(directory)
+        verify_torch_files(directory / TAG, checkpoint_types())  # DeepSpeed unpickles with full pickle
         same = saved == {"world_size": self.context.world_size, "zero_stage": self.stage}
         if same:
             path, _ = self._ds.load_checkpoint(
@@ -254,7 +325,7 @@ class DeepSpeedEngine:
         deepspeed = _import_deepspeed()
         if saved["zero_stage"] == 0:
             files = sorted((directory / TAG).glob("mp_rank_*_model_states.pt"))
-            state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+            state = load_checked(files[0], extra_types=checkpoint_types())["module"]
         else:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -277,11 +348,43 @@ class DeepSpeedEngine:
         )
 
     # ------------------------------------------------------------------ export
+    def _full_value(self, deepspeed: Any, param: nn.Parameter) -> torch.Tensor | None:
+        """The whole parameter on rank 0 (``None`` elsewhere); fp32 masters where DeepSpeed keeps them.
+
+        Collective under ZeRO: every rank calls it for the same parameters in the same order.
+        """
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        if param.requires_grad and param.dtype != torch.float32:
+            master = safe_get_full_fp32_param(param)
+            if master is not None:
+                return master.detach().cpu() if self.context.is_main else None
+        if hasattr(param, "ds_id"):  # ZeRO-3 partition: gather this one parameter, read-only
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                return param.detach().cpu().clone() if self.context.is_main else None
+        return param.detach().cpu() if self.context.is_main else None
+
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The complete model state dict on rank 0 (``None`` elsewhere); every rank must call this."""
-        if self.stage == 3:
-            return self._ds._zero3_consolidated_16bit_state_dict()
-        return self.module.state_dict() if self.context.is_main else None
+        """The state dict that is exported, on rank 0 (``None`` elsewhere); every rank must call this.
+
+        With frozen parameters (PEFT) only the trainable ones are gathered: an adapter export never pulls
+        the frozen base model onto rank 0.
+        """
+        deepspeed = _import_deepspeed()
+        frozen = self._has_frozen()
+        gathered: dict[int, torch.Tensor | None] = {}
+        for _, param in self.module.named_parameters():  # de-duplicated: tied weights once
+            if not frozen or param.requires_grad:
+                gathered[id(param)] = self._full_value(deepspeed, param)
+        if not self.context.is_main:
+            return None
+        state: dict[str, torch.Tensor] = {}
+        for key, tensor in self.module.state_dict(keep_vars=True).items():
+            if id(tensor) in gathered:
+                state[key] = gathered[id(tensor)]
+            elif not frozen and not isinstance(tensor, nn.Parameter):  # buffers
+                state[key] = tensor.detach().cpu()
+        return state
 
     def export(self, directory: Path) -> None:
         state = self.full_state_dict()
@@ -289,6 +392,9 @@ class DeepSpeedEngine:
             dtype = _DTYPES[self.config.model.dtype]
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
             directory.mkdir(parents=True, exist_ok=True)
+            model_config = getattr(self.module, "config", None)
+            if model_config is not None and hasattr(model_config, "dtype"):
+                model_config.dtype = dtype  # config.json names the dtype the files hold
             self.module.save_pretrained(directory, state_dict=state)
         self.context.barrier()
 

@@ -15,17 +15,17 @@ from distributed_ft.engine.optim import build_optimizer, build_scheduler, tensor
 from distributed_ft.errors import ConfigError
 from distributed_ft.modeling.peft import load_trainable_state_dict, trainable_state_dict
 from distributed_ft.runtime.context import RuntimeContext
+from distributed_ft.runtime.safe_load import load_checked
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _STATE_FILE = "engine_state.pt"
 
 
 class TorchEngine:
-    """AdamW + schedule + optional autocast/DDP; gradient accumulation by loss scaling."""
+    """AdamW + schedule + optional autocast/DDP; the loop normalises the loss of an accumulation window."""
 
     def __init__(self, config: JobConfig, context: RuntimeContext) -> None:
         self.config, self.context = config, context
-        self.grad_accum = config.train.grad_accum
         precision = config.train.mixed_precision
         if precision == "fp16" and context.device.type != "cuda":
             raise ConfigError("train.mixed_precision=fp16 needs a GPU; use bf16 (or no) on CPU")
@@ -38,6 +38,10 @@ class TorchEngine:
     def module(self) -> nn.Module:
         assert self._model is not None, "prepare() first"
         return self._model
+
+    def model_construction(self, hidden_size: int | None) -> contextlib.AbstractContextManager:
+        del hidden_size
+        return contextlib.nullcontext()
 
     def prepare(self, model: nn.Module, total_steps: int) -> None:
         self._model = model.to(self.context.device)
@@ -62,16 +66,15 @@ class TorchEngine:
             return self._wrapped(**batch)
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss = loss / self.grad_accum
         (self._scaler.scale(loss) if self._scaler else loss).backward()
 
-    def step(self) -> float | None:
+    def step(self) -> torch.Tensor | None:
         norm = None
         if self._scaler:
             self._scaler.unscale_(self.optimizer)
         max_norm = self.config.train.max_grad_norm
-        if max_norm is not None:
-            norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
+        if max_norm is not None:  # a device tensor: read by the loop only when it logs
+            norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm).detach()
         if self._scaler:
             self._scaler.step(self.optimizer)
             self._scaler.update()
@@ -100,7 +103,7 @@ class TorchEngine:
         torch.save(state, directory / _STATE_FILE)
 
     def load(self, directory: Path, weights_only: bool = False) -> None:
-        state = torch.load(directory / _STATE_FILE, map_location=self.context.device, weights_only=False)
+        state = load_checked(directory / _STATE_FILE, map_location=self.context.device)
         load_trainable_state_dict(self.module, state["model"])
         if weights_only:
             return

@@ -39,6 +39,18 @@ def _load_error(name: str, exc: Exception) -> ConfigError:
     )
 
 
+def model_hidden_size(config: ModelConfig) -> int | None:
+    """The hidden size in the model's ``config.json`` (read without building the model), if it has one."""
+    from transformers import AutoConfig
+
+    try:
+        model_config = AutoConfig.from_pretrained(resolve_model_path(config.name), revision=config.revision)
+    except (OSError, ValueError) as exc:
+        raise _load_error(config.name, exc) from exc
+    hidden = getattr(model_config, "hidden_size", None) or getattr(model_config, "d_model", None)
+    return int(hidden) if hidden else None
+
+
 def load_tokenizer(name: str, revision: str | None = None) -> PreTrainedTokenizerFast:
     """The fast tokenizer of ``name`` (``word_ids()`` needs a fast one)."""
     path = resolve_model_path(name)

@@ -209,6 +209,11 @@ class MemoryEstimate:
         """Host RAM one node needs in steady state."""
         return self.host_per_rank * self.ranks_per_node
 
+    @property
+    def host_peak_per_node(self) -> int:
+        """Host RAM one node needs at its peak: steady state or model loading, whichever is larger."""
+        return max(self.host_per_node, self.model_load_per_node)
+
     def per_gpu(self) -> dict[str, int]:
         """The ``memory.per_gpu`` object of the JSON report."""
         return {
@@ -234,7 +239,7 @@ class MemoryEstimate:
             "per_node": self.host_per_node,
             "model_load_per_node": self.model_load_per_node,
             "available_per_node": available_per_node,
-            "fits": self.host_per_node <= available_per_node,
+            "fits": self.host_peak_per_node <= available_per_node,
         }
 
 
@@ -315,8 +320,22 @@ def estimate_memory(
         host_pinned_buffers=pinned,
         host_process=bm.host_process_bytes,
         ranks_per_node=setup.gpus_per_node,
-        model_load_per_node=setup.gpus_per_node * stored * (4 if setup.model_dtype == "float32" else 2),
+        model_load_per_node=model_load_bytes_per_node(setup, stored),
     )
+
+
+def model_load_bytes_per_node(setup: TrainingSetup, stored: int) -> int:
+    """Host RAM the ranks of one node hold while the model is built and its weights loaded.
+
+    ZeRO-3 (``run.engine=deepspeed``) constructs under ``deepspeed.zero.Init``: each rank only ever holds
+    its partition. Every other path builds the whole model on every rank before anything is sharded.
+    Memory-mapped weight files (safetensors) live in the shared page cache and are not counted.
+    """
+    weight_bytes = 4 if setup.model_dtype == "float32" else 2
+    per_rank = stored
+    if setup.engine == "deepspeed" and setup.stage == 3:
+        per_rank = _shard(stored, setup.world_size)
+    return setup.gpus_per_node * per_rank * weight_bytes
 
 
 def largest_fitting(fits: Callable[[int], bool], limit: int = 1 << 16) -> int:

@@ -131,8 +131,9 @@ def _notes(setup: TrainingSetup, load_bytes: int, capacity: Capacity) -> list[st
         notes.append("communication time is not modeled separately; it is part of the assumed MFU")
     if load_bytes > capacity.host_bytes:
         notes.append(
-            f"loading the full weights on every rank may need {load_bytes / GiB:,.0f} GiB of host RAM per "
-            "node; load rank by rank or with DeepSpeed zero.Init"
+            f"loading the model needs {load_bytes / GiB:,.0f} GiB of host RAM per node, more than the "
+            f"{capacity.host_bytes / GiB:,.0f} GiB there: ZeRO-3 (run.engine=deepspeed "
+            "deepspeed.zero_stage=3) builds it partitioned, each rank holding only its share"
         )
     return notes
 

@@ -43,7 +43,7 @@ def memory_at(
 
 
 def _fits(memory: MemoryEstimate, capacity: Capacity) -> bool:
-    return memory.total <= capacity.device_bytes and memory.host_per_node <= capacity.host_bytes
+    return memory.total <= capacity.device_bytes and memory.host_peak_per_node <= capacity.host_bytes
 
 
 def evaluate(shape: ModelShape, setup: TrainingSetup, capacity: Capacity) -> Evaluation:

@@ -415,7 +415,11 @@ def validate_plan(
     engine = build_engine(config, context)
     engine.prepare(model, total_steps=max(steps, 2))
     unwrapped = engine.module
-    own = measure(config, context, unwrapped, engine, task.loss, steps=steps)
+
+    def mean_loss(outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return task.loss_sum(outputs, batch) / task.loss_weight(batch).clamp(min=1)
+
+    own = measure(config, context, unwrapped, engine, mean_loss, steps=steps)
     ranks = [Measurement(**m) for m in context.all_gather_object(own.to_json())]
     predicted, plan = predict(
         config,

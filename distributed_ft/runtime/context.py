@@ -2,6 +2,12 @@
 
 The loop never reads ``RANK``/``LOCAL_RANK`` itself: the device, the rank and the collectives come from
 the context (Ray and DeepSpeed disagree about ``LOCAL_RANK``; DESIGN.md "Known traps").
+
+GPU rules, held here once: the device is always indexed (``cuda:<local_rank>``, never bare ``cuda``);
+every tensor collective goes through :meth:`ProcessGroupContext.all_reduce`, which refuses a tensor that is
+not on ``context.device`` (NCCL has no CPU backend: a CPU tensor there dies at the first step); process
+groups on GPUs are created as ``cpu:gloo,cuda:nccl`` so object collectives (pickles, on the CPU) and tensor
+collectives (on the GPU) both have a backend.
 """
 
 from __future__ import annotations
@@ -11,13 +17,17 @@ import os
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
 
 from distributed_ft.errors import LaunchError
 from distributed_ft.runtime import signals
+
+UseGpu = bool | Literal["auto"]
+GPU_BACKEND = "cpu:gloo,cuda:nccl"
+"""Process-group backend on GPUs: NCCL for tensors on CUDA, gloo for object collectives (CPU pickles)."""
 
 
 @runtime_checkable
@@ -46,9 +56,24 @@ class RuntimeContext(Protocol):
         """A checkpoint the orchestrator wants the job to resume from (Ray after a restart)."""
         ...
 
-    def stop_requested(self) -> bool:
-        """Whether any rank was asked to stop (SIGTERM, pre-emption); the same answer on every rank."""
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Reduce ``tensor`` (on ``device``) across ranks in place and return it; world size 1: unchanged."""
         ...
+
+    def tensor(self, values: Any, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """A tensor of ``values`` on ``device``: the only way the loop makes tensors for collectives."""
+        ...
+
+    def stop_requested_locally(self) -> bool:
+        """Whether this rank was asked to stop (SIGTERM, pre-emption notice); no collective.
+
+        The loop agrees on the answer across ranks by adding it to the reduction it does at each log
+        window (see ``train/loop.py``), so asking costs no extra synchronisation.
+        """
+        ...
+
+
+_REDUCE_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
 
 
 class ProcessGroupContext:
@@ -89,23 +114,69 @@ class ProcessGroupContext:
     def resume_checkpoint(self) -> Path | None:
         return None
 
-    def stop_requested(self) -> bool:
-        local = signals.stop_requested_locally()
-        if not self._distributed:
-            return local
-        flag = torch.tensor([1 if local else 0], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def tensor(self, values: Any, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.device)
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Reduce in place across ranks (``sum``, ``max`` or ``min``).
+
+        Raises:
+            ValueError: ``tensor`` is not on this context's device (on NCCL that is a crash or a hang).
+        """
+        if tensor.device != self.device:
+            raise ValueError(
+                f"collective on a tensor on {tensor.device}, but this rank's device is {self.device}; "
+                "allocate it with context.tensor(...)"
+            )
+        if self._distributed:
+            dist.all_reduce(tensor, op=getattr(dist.ReduceOp, _REDUCE_OPS[op]))
+        return tensor
+
+    def stop_requested_locally(self) -> bool:
+        return signals.stop_requested_locally()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rank={self.rank}, world_size={self.world_size}, device={self.device})"
 
 
+def choose_device(use_gpu: UseGpu, local_rank: int) -> torch.device:
+    """The one place a device is decided: ``cuda:<local_rank>`` or the CPU.
+
+    ``auto`` takes a GPU when one is present; ``True`` insists on one.
+
+    Raises:
+        LaunchError: ``use_gpu=True`` without a CUDA device, or more local ranks than GPUs.
+    """
+    available = torch.cuda.is_available()
+    if use_gpu is True and not available:
+        raise LaunchError(
+            "run.use_gpu=true but torch sees no CUDA device (torch.cuda.is_available() is False); "
+            "set run.use_gpu=auto (GPU when present) or run.use_gpu=false, or install a CUDA build of torch"
+        )
+    if not (available and use_gpu):
+        return torch.device("cpu")
+    if local_rank >= torch.cuda.device_count():
+        raise LaunchError(
+            f"local rank {local_rank} but only {torch.cuda.device_count()} CUDA devices on this node; "
+            "start at most one process per GPU (--nproc_per_node)"
+        )
+    return torch.device("cuda", local_rank)
+
+
+def describe_device(device: torch.device) -> str:
+    """``cuda:0 (NVIDIA H200)`` or ``cpu (N threads)``, for the log line that says where a job runs."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({torch.get_num_threads()} threads)"
+
+
 class LocalContext(ProcessGroupContext):
     """One process, no process group: tests, debugging, laptops."""
 
-    def __init__(self, use_gpu: bool = False) -> None:
-        device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+    def __init__(self, use_gpu: UseGpu = False) -> None:
+        device = choose_device(use_gpu, local_rank=0)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         super().__init__(rank=0, world_size=1, local_rank=0, device=device)
 
 
@@ -121,16 +192,15 @@ class TorchrunContext(ProcessGroupContext):
     equal ``WORLD_SIZE`` or the job is refused with a :class:`LaunchError` before any work is done.
     """
 
-    def __init__(self, use_gpu: bool = False, expected_world_size: int | None = None) -> None:
+    def __init__(self, use_gpu: UseGpu = False, expected_world_size: int | None = None) -> None:
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         check_world_size(expected_world_size, world_size)
-        cuda = use_gpu and torch.cuda.is_available()
-        device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-        if cuda:
+        device = choose_device(use_gpu, local_rank)
+        if device.type == "cuda":
             torch.cuda.set_device(device)
         if world_size > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+            dist.init_process_group(process_group_backend(device), timeout=timedelta(minutes=30))
             atexit.register(_destroy_process_group)  # tear down before the interpreter does (gloo aborts)
         super().__init__(rank, world_size, local_rank, device)
         self._check_world_agrees()
@@ -143,6 +213,11 @@ class TorchrunContext(ProcessGroupContext):
                 "the launcher and the environment disagree: launch with torchrun or accelerate launch "
                 "--config_file cluster_configs/accelerate/cpu_2proc.yaml (see launchers/README.md)"
             )
+
+
+def process_group_backend(device: torch.device) -> str:
+    """``cpu:gloo,cuda:nccl`` on GPUs (tensors on NCCL, pickled objects on gloo), ``gloo`` on the CPU."""
+    return GPU_BACKEND if device.type == "cuda" else "gloo"
 
 
 def _destroy_process_group() -> None:
@@ -215,7 +290,7 @@ def launched_distributed() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def create_context(use_gpu: bool = False, expected_world_size: int | None = None) -> ProcessGroupContext:
+def create_context(use_gpu: UseGpu = False, expected_world_size: int | None = None) -> ProcessGroupContext:
     """The context for a process started from the command line (local or by a launcher).
 
     Raises:
@@ -224,9 +299,13 @@ def create_context(use_gpu: bool = False, expected_world_size: int | None = None
     """
     signals.install_stop_handler()
     if launched_distributed():
-        return TorchrunContext(use_gpu=use_gpu, expected_world_size=expected_world_size)
-    check_single_process_launch(expected_world_size)
-    return LocalContext(use_gpu=use_gpu)
+        context: ProcessGroupContext = TorchrunContext(
+            use_gpu=use_gpu, expected_world_size=expected_world_size
+        )
+    else:
+        check_single_process_launch(expected_world_size)
+        context = LocalContext(use_gpu=use_gpu)
+    return context
 
 
 def ensure_process_group(context: RuntimeContext) -> None:
@@ -242,4 +321,6 @@ def ensure_process_group(context: RuntimeContext) -> None:
             f"world size {context.world_size} but no torch.distributed process group; "
             + LAUNCH_HINT.format(n=context.world_size)
         )
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    dist.init_process_group(
+        process_group_backend(context.device), store=dist.HashStore(), rank=0, world_size=1
+    )

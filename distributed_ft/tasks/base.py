@@ -17,6 +17,8 @@ class Task(Protocol):
 
     name: str
     default_metric: str
+    metrics: dict[str, str]
+    """Metric name -> ``"max"`` or ``"min"``: what ``eval.metric`` may be and which way is better."""
 
     def prepare_data(
         self, tokenizer: Any, splits: dict[str, str], labels: list[str] | None
@@ -30,7 +32,13 @@ class Task(Protocol):
         """Pad rows into model inputs; ``with_meta`` adds ``batch["meta"]`` for evaluation."""
         ...
 
-    def loss(self, outputs: Any, batch: Batch) -> torch.Tensor: ...
+    def loss_weight(self, batch: Batch) -> torch.Tensor:
+        """The batch's share of the loss denominator (targets, or their class weights), from labels only."""
+        ...
+
+    def loss_sum(self, outputs: Any, batch: Batch) -> torch.Tensor:
+        """The summed loss of the batch; ``loss_sum / loss_weight`` is its mean loss."""
+        ...
 
     def predictions(self, outputs: Any, batch: Batch) -> list[tuple[int, Any]]:
         """``(example_id, prediction)`` for every example of an evaluation batch."""
@@ -41,3 +49,10 @@ class Task(Protocol):
         ...
 
     def format_report(self, metrics: dict[str, Any]) -> str: ...
+
+
+def metric_improved(task: Task, metric: str, value: float, best: float | None) -> bool:
+    """Whether ``value`` of ``metric`` beats ``best``, in the direction the task declares for it."""
+    if best is None:
+        return True
+    return value < best if task.metrics.get(metric, "max") == "min" else value > best

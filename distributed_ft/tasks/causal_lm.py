@@ -50,28 +50,28 @@ from distributed_ft.tasks.instruction_data import (
     response_labels,
     validate_messages,
 )
+from distributed_ft.tasks.losses import shifted, token_count, token_cross_entropy_sum
 
 log = logging.getLogger("distributed_ft")
-METRICS = ("loss", "perplexity")
+METRICS = {"loss": "min", "perplexity": "min"}
+"""Metrics ``eval.metric`` may name, and whether each is maximised or minimised."""
 PREDICT_FORMATS = ("text", "jsonl")
 ENCODE_CHUNK = 1024
 
 
 # --------------------------------------------------------------------------- packing isolation
 def _isolate_packed_examples(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
-    """Forward pre-hook: a batch whose positions restart inside attended tokens is a packed batch.
+    """Forward pre-hook: a batch with ``position_ids`` is a packed batch (only packed rows carry them).
 
     transformers then derives the block-diagonal causal mask from ``position_ids``, but only when the 2D
     ``attention_mask`` is ``None`` and no cache is in use, so both are dropped for such batches. Padding at
-    the end of a row has positions that restart at 0, so it forms its own segment.
+    the end of a row has positions that restart at 0, so it forms its own segment. The decision looks at
+    which inputs are present, never at their values: no host-device sync per forward pass.
     """
     positions, mask = kwargs.get("position_ids"), kwargs.get("attention_mask")
-    if positions is None or mask is None or mask.ndim != 2 or positions.shape[-1] < 2:
+    if positions is None or mask is None or mask.ndim != 2:
         return None
     if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
-        return None
-    attended = mask[:, 1:].bool() & mask[:, :-1].bool()
-    if not ((positions[:, 1:] - positions[:, :-1] != 1) & attended).any():
         return None
     return args, {**kwargs, "attention_mask": None, "use_cache": False}
 
@@ -113,6 +113,7 @@ class CausalLMTask:
 
     name = "causal_lm"
     default_metric = "loss"
+    metrics = METRICS
 
     def __init__(self, config: JobConfig) -> None:
         self.config = config
@@ -309,12 +310,19 @@ class CausalLMTask:
         model = build_model(self.name, self.config.model, None, vocab_size=len(self.tokenizer))
         if self.config.data.packing:
             model.base_model.register_forward_pre_hook(_isolate_packed_examples, with_kwargs=True)
-            check_packing_isolation(model)
+            if any(hasattr(p, "ds_id") for p in model.parameters()):  # ZeRO-3 built it partitioned
+                log.debug("packing isolation not checked: the model was constructed partitioned (ZeRO-3)")
+            else:
+                check_packing_isolation(model)
         return model
 
-    def loss(self, outputs: Any, batch: Batch) -> torch.Tensor:
-        """The model's shifted cross-entropy, averaged over response tokens."""
-        return outputs.loss
+    def loss_weight(self, batch: Batch) -> torch.Tensor:
+        """Response tokens that are predicted (labels shifted by one: position 0 predicts nothing)."""
+        return token_count(batch["labels"][:, 1:])
+
+    def loss_sum(self, outputs: Any, batch: Batch) -> torch.Tensor:
+        """Summed next-token cross-entropy over response tokens."""
+        return token_cross_entropy_sum(*shifted(outputs.logits, batch["labels"]))
 
     # ----------------------------------------------------------------- evaluation
     def predictions(self, outputs: Any, batch: Batch) -> list[tuple[int, tuple[float, int]]]:

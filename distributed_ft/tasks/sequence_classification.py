@@ -50,7 +50,8 @@ from distributed_ft.tasks.classification_metrics import classification_metrics, 
 
 log = logging.getLogger("distributed_ft")
 ENCODE_CHUNK = 2048
-METRICS = ("accuracy", "macro_f1", "micro_f1", "weighted_f1", "loss")
+METRICS = {"accuracy": "max", "macro_f1": "max", "micro_f1": "max", "weighted_f1": "max", "loss": "min"}
+"""Metrics ``eval.metric`` may name, and whether each is maximised or minimised."""
 PREDICT_FORMATS = ("text", "jsonl")
 
 
@@ -60,6 +61,7 @@ class SequenceClassificationTask:
 
     name = "sequence_classification"
     default_metric = "macro_f1"
+    metrics = METRICS
 
     def __init__(self, config: JobConfig) -> None:
         self.config = config
@@ -297,13 +299,37 @@ class SequenceClassificationTask:
             pad_token_id=self.pad_token_id,
         )
 
-    def loss(self, outputs: Any, batch: Batch) -> torch.Tensor:
-        """Cross-entropy (single-label) or binary cross-entropy (multi-label), class-weighted when asked."""
+    def loss_weight(self, batch: Batch) -> torch.Tensor:
+        """The loss's denominator: examples (x classes for multi-label), or the class weights of the labels.
+
+        Matches torch's ``mean`` reductions, so a window's summed loss over its summed weight equals the
+        weighted mean loss of one batch holding the whole window.
+        """
+        labels = batch["labels"]
+        if self.multi_label:  # a fill kernel, not a host-to-device copy
+            return torch.full((), labels.numel(), dtype=torch.float64, device=labels.device)
+        if self.class_weights is None:
+            return torch.full((), labels.shape[0], dtype=torch.float64, device=labels.device)
+        return self._class_weights_on(labels.device)[labels].sum()
+
+    def _class_weights_on(self, device: torch.device) -> torch.Tensor:
+        """The class weights on ``device``, copied there once (not once per micro-batch)."""
+        source, copy = getattr(self, "_device_weights", (None, None))
+        if source is not self.class_weights or copy.device != device:
+            copy = self.class_weights.to(device)
+            self._device_weights = (self.class_weights, copy)
+        return copy
+
+    def loss_sum(self, outputs: Any, batch: Batch) -> torch.Tensor:
+        """Summed (class-weighted) cross-entropy, or binary cross-entropy per class for multi-label."""
         logits = outputs.logits.float()
-        weights = None if self.class_weights is None else self.class_weights.to(logits.device)
+        labels = batch["labels"].to(logits.device)
+        weights = None if self.class_weights is None else self._class_weights_on(logits.device)
         if self.multi_label:
-            return F.binary_cross_entropy_with_logits(logits, batch["labels"].float(), pos_weight=weights)
-        return F.cross_entropy(logits, batch["labels"], weight=weights)
+            return F.binary_cross_entropy_with_logits(
+                logits, labels.float(), pos_weight=weights, reduction="sum"
+            )
+        return F.cross_entropy(logits, labels, weight=weights, reduction="sum")
 
     # ----------------------------------------------------------------- evaluation
     def predictions(self, outputs: Any, batch: Batch) -> list[tuple[int, np.ndarray]]:

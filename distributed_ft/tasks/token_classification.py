@@ -7,7 +7,7 @@ off by ``data.max_length`` is predicted ``O`` (and counted), so the score covers
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +33,7 @@ from distributed_ft.data.prepare import (
 from distributed_ft.data.sources import Batch, pad_sequences
 from distributed_ft.errors import DataError
 from distributed_ft.modeling.build import build_model
+from distributed_ft.tasks.losses import token_count, token_cross_entropy_sum
 
 IGNORE = -100
 ENCODE_CHUNK = 2048
@@ -120,6 +121,15 @@ class TokenClassificationTask:
 
     name = "token_classification"
     default_metric = "f1"
+    metrics: ClassVar[dict[str, str]] = {
+        "f1": "max",
+        "precision": "max",
+        "recall": "max",
+        "macro_f1": "max",
+        "token_accuracy": "max",
+        "loss": "min",
+    }
+    """Metrics ``eval.metric`` may name, and whether each is maximised or minimised."""
 
     def __init__(self, config: JobConfig) -> None:
         self.config = config
@@ -192,8 +202,13 @@ class TokenClassificationTask:
     def build_model(self, labels: list[str] | None) -> nn.Module:
         return build_model(self.name, self.config.model, labels)
 
-    def loss(self, outputs: Any, batch: Batch) -> torch.Tensor:
-        return outputs.loss
+    def loss_weight(self, batch: Batch) -> torch.Tensor:
+        """Labelled sub-tokens of the batch (the loss is a mean over them)."""
+        return token_count(batch["labels"])
+
+    def loss_sum(self, outputs: Any, batch: Batch) -> torch.Tensor:
+        """Summed cross-entropy over labelled sub-tokens."""
+        return token_cross_entropy_sum(outputs.logits, batch["labels"])
 
     # ----------------------------------------------------------------- evaluation
     def predictions(self, outputs: Any, batch: Batch) -> list[tuple[int, np.ndarray]]:

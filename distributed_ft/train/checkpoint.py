@@ -23,6 +23,7 @@ import torch
 from distributed_ft.engine.base import Engine
 from distributed_ft.errors import CheckpointError
 from distributed_ft.runtime.context import RuntimeContext
+from distributed_ft.runtime.safe_load import load_checked
 
 STATE_FILE = "run_state.json"
 LATEST = "latest"
@@ -51,15 +52,36 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state of this process as tensors and numbers only (loadable with ``weights_only``)."""
+    version, python_state, gauss = random.getstate()
+    kind, mt, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {
+            "version": version,
+            "state": torch.tensor(python_state, dtype=torch.int64),
+            "gauss": gauss,
+        },
+        "numpy": {
+            "kind": kind,
+            "state": torch.from_numpy(mt.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python, numpy_state = state["python"], state["numpy"]
+    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
+    mt = numpy_state["state"].numpy().astype(np.uint32)
+    np.random.set_state(
+        (numpy_state["kind"], mt, numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -160,5 +182,5 @@ class CheckpointManager:
         engine.load(directory)
         rng = directory / f"rng-rank{self.context.rank}.pt"
         if rng.is_file():
-            _set_rng_state(torch.load(rng, weights_only=False))
+            _set_rng_state(load_checked(rng))
         return RunState(**json.loads((directory / STATE_FILE).read_text()))

@@ -12,6 +12,7 @@ from distributed_ft.engine.base import Engine
 from distributed_ft.runtime.context import RuntimeContext
 from distributed_ft.runtime.tracking import Progress
 from distributed_ft.tasks.base import Task
+from distributed_ft.train.step import model_inputs, to_device
 
 
 def eval_source(split: pa.Table, task: Task, batch_size: int, context: RuntimeContext) -> ArrowBatchSource:
@@ -48,23 +49,25 @@ def evaluate(
     most_batches = max(context.all_gather_object(len(source)))
     engine.train(False)
     predictions: list[tuple[int, Any]] = []
-    loss_sum, loss_tokens = 0.0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=context.device)
+    loss_weight = torch.zeros((), dtype=torch.float64, device=context.device)
     last_batch = None
     batches = progress.wrap(iter(source), total=len(source), desc=desc) if progress else iter(source)
     for batch in batches:
         meta = batch.pop("meta")
-        outputs = engine.forward(batch)
-        tokens = int((batch["labels"] != -100).sum()) if "labels" in batch else len(meta)
-        loss_sum += float(task.loss(outputs, batch)) * tokens
-        loss_tokens += tokens
+        batch = to_device(batch, context.device)
+        outputs = engine.forward(model_inputs(batch))
+        loss_sum += task.loss_sum(outputs, batch).to(torch.float64)
+        loss_weight += task.loss_weight(batch).to(torch.float64)
         predictions.extend(task.predictions(outputs, {**batch, "meta": meta}))
         last_batch = batch
     for _ in range(most_batches - len(source)):
-        engine.forward(last_batch if last_batch is not None else _any_batch(split, task))
+        engine.forward(model_inputs(last_batch if last_batch is not None else _any_batch(split, task)))
     samples = getattr(task, "generate_samples", None)  # every rank generates (ZeRO-3 forwards are collective)
     generated = samples(engine.module, split) if samples is not None else None
     engine.train(True)
-    gathered = context.all_gather_object((predictions, loss_sum, loss_tokens))
+    loss_sum, loss_weight = torch.stack([loss_sum, loss_weight]).tolist()
+    gathered = context.all_gather_object((predictions, loss_sum, loss_weight))
     metrics = None
     if context.is_main:
         merged = {example_id: pred for preds, _, _ in gathered for example_id, pred in preds}

@@ -1,7 +1,10 @@
 """THE training loop: one function, the same under every launcher, engine and backend.
 
 It sees only the seams: a RuntimeContext (where it runs), an Engine (how a step is taken) and a
-BatchSource (this rank's batches). Hooks are explicit: evaluation, checkpointing and early stopping.
+BatchSource (this rank's batches). Hooks are explicit: evaluation, checkpointing and early stopping
+(:class:`~distributed_ft.train.validation.Validation`). One optimizer step is ``train_step(window)``
+(:mod:`distributed_ft.train.step`); device values are read on the host only at ``log_every``, at
+evaluations and at checkpoints.
 """
 
 from __future__ import annotations
@@ -19,50 +22,24 @@ from distributed_ft.data.sources import ArrowBatchSource
 from distributed_ft.engine import build_engine
 from distributed_ft.engine.base import Engine
 from distributed_ft.errors import Preempted
+from distributed_ft.modeling.build import model_hidden_size
 from distributed_ft.modeling.peft import (
     apply_peft,
     format_parameter_report,
     parameter_report,
     write_export_extras,
 )
-from distributed_ft.runtime.context import RuntimeContext
+from distributed_ft.runtime.context import RuntimeContext, describe_device
 from distributed_ft.runtime.tracking import MetricsLogger, Progress
 from distributed_ft.train.checkpoint import CheckpointManager, RunState
 from distributed_ft.train.evaluate import evaluate
 from distributed_ft.train.job import Job, build_job
+from distributed_ft.train.step import LogWindow, StepTally, train_step, windows
+from distributed_ft.train.validation import Validation
 
 log = logging.getLogger("distributed_ft")
-
-
-def improved(metric: str, value: float, best: float | None) -> bool:
-    """Whether ``value`` beats ``best`` (``loss``-like metrics are minimised, the rest maximised)."""
-    if best is None:
-        return True
-    return value < best if "loss" in metric or "perplexity" in metric else value > best
-
-
-class LogWindow:
-    """Loss and token counts since the last log line (tokens are counted across all ranks)."""
-
-    def __init__(self) -> None:
-        self.restart()
-
-    def restart(self) -> None:
-        self.loss_sum, self.batches, self.tokens, self.started = 0.0, 0, 0, time.perf_counter()
-
-    def add(self, loss: float, tokens: int) -> None:
-        self.loss_sum, self.batches, self.tokens = (
-            self.loss_sum + loss,
-            self.batches + 1,
-            self.tokens + tokens,
-        )
-
-    def flush(self) -> dict[str, float]:
-        """Mean micro-batch loss and tokens/s of the window, then start a new one."""
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        record = {"loss": self.loss_sum / max(self.batches, 1), "tokens_per_s": self.tokens / elapsed}
-        self.restart()
-        return record
+PREFETCH_DEPTH = 2
+"""Training batches a background thread keeps collated (and pinned, on CUDA) ahead of the step."""
 
 
 def train(
@@ -73,13 +50,12 @@ def train(
     ``data`` is the prepared dataset when an orchestrator delivers it (Ray Data); otherwise it is prepared
     (or found in the cache) here.
     """
-    engine = build_engine(
-        config, context
-    )  # first: a conflicting DeepSpeed JSON fails before anything is written
+    engine = build_engine(config, context)  # first: a conflicting DeepSpeed JSON fails before any write
     job = build_job(config, context, name, data)
     config, task, data = job.config, job.task, job.data
     train_cfg, progress = config.train, Progress(config.run.progress, context)
     metrics_log = MetricsLogger(job.run_dir, context)
+    log.info("device: %s", describe_device(context.device))
 
     source = ArrowBatchSource(
         data.splits["train"].read(),
@@ -90,6 +66,8 @@ def train(
         seed=train_cfg.seed,
         rank=context.rank,
         world_size=context.world_size,
+        prefetch=PREFETCH_DEPTH,
+        pin_memory=context.device.type == "cuda",
     )
     steps_per_epoch = math.ceil(len(source) / train_cfg.grad_accum)
     total_steps = train_cfg.max_steps or math.ceil(train_cfg.epochs * steps_per_epoch)
@@ -98,7 +76,8 @@ def train(
             "train: %d examples per epoch left out so every rank takes equal batches", source.dropped_examples
         )
 
-    model = apply_peft(task.build_model(job.labels), config)
+    with engine.model_construction(model_hidden_size(config.model)):  # ZeRO-3: built partitioned
+        model = apply_peft(task.build_model(job.labels), config)
     parameters = parameter_report(model, config.peft.method, config.task)
     log.info(format_parameter_report(parameters))
     engine.prepare(model, total_steps)
@@ -122,28 +101,19 @@ def train(
         context.world_size,
         type(engine).__name__,
     )
+    split = data.splits["validation"].read() if "validation" in data.splits else None
+    validation = Validation(config, task, split, job.labels, context, progress, state)
+    tally, window = StepTally(context), LogWindow()
 
-    def run_evaluation() -> None:
-        """Evaluate on validation, track the best, checkpoint, and decide about early stopping."""
-        metrics = evaluate(
-            engine,
-            task,
-            data.splits["validation"].read(),
-            job.labels,
-            context,
-            batch_size=config.eval.batch_size,
-            progress=progress,
-            desc="validation",
-        )
-        evaluated[state.step] = metrics
-        value = metrics[config.eval.metric]
-        is_best = improved(config.eval.metric, value, state.best_metric)
-        if is_best:
-            state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
-        else:
-            state.evals_without_improvement += 1
-        patience = train_cfg.early_stopping_patience
-        state.stopped_early = patience is not None and state.evals_without_improvement >= patience
+    def read_tally() -> dict[str, Any]:
+        """Fold the device tallies into the log window and the run state (one collective, one sync)."""
+        read = tally.read()
+        window.add(read)
+        state.tokens_seen += int(read["tokens"])
+        return read
+
+    def validate_and_checkpoint() -> None:
+        metrics, is_best = validation.run(engine)
         metrics_log.log(
             "eval",
             state.step,
@@ -151,65 +121,58 @@ def train(
             epoch=state.epoch,
             **{k: v for k, v in metrics.items() if not isinstance(v, dict)},
         )
-        log.info(
-            "step %d validation %s=%.4f (best %.4f at step %s)",
-            state.step,
-            config.eval.metric,
-            value,
-            state.best_metric,
-            state.best_step,
-        )
         report = {f"validation/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
         checkpoints.save(engine, state, is_best=is_best, metrics=report)
 
-    has_validation = "validation" in data.splits
-    evaluated: dict[int, dict[str, Any]] = {}
-    window = LogWindow()
     train_started = time.perf_counter()
     engine.train(True)
     while state.step < total_steps and not state.stopped_early:
         source.set_epoch(state.epoch)
-        for batch in progress.wrap(
+        batches = progress.wrap(
             source, total=len(source), desc=f"epoch {state.epoch}", initial=source.position
-        ):
-            boundary = source.position % train_cfg.grad_accum == 0 or source.position == len(source)
-            outputs = engine.forward(batch, sync_grads=boundary)
-            loss = task.loss(outputs, batch)
-            engine.backward(loss)
-            tokens = int(batch["attention_mask"].sum()) * context.world_size
-            window.add(float(loss.detach()), tokens)
-            state.tokens_seen += tokens
-            if not boundary:
-                continue
-            grad_norm = engine.step()
-            state.step += 1
-            state.source = source.state_dict()
-            if state.step % train_cfg.log_every == 0 or state.step == total_steps:
-                record = {**window.flush(), "lr": engine.lr, "grad_norm": grad_norm, "epoch": state.epoch}
-                metrics_log.log("train", state.step, **record)
-                progress.postfix(loss=record["loss"], lr=record["lr"])
-            if has_validation and train_cfg.eval_every and state.step % train_cfg.eval_every == 0:
-                run_evaluation()
-                window.restart()
-            elif train_cfg.save_every and state.step % train_cfg.save_every == 0:
-                checkpoints.save(engine, state)
-                window.restart()
-            if context.stop_requested():  # SIGTERM or a pre-emption notice, agreed by all ranks
-                saved = checkpoints.save(engine, state)
-                raise Preempted(
-                    f"stopped at step {state.step} on request; checkpoint {saved} written; "
-                    "run the same command again to resume from it"
-                )
-            if state.step >= total_steps or state.stopped_early:
-                break
-        else:  # the epoch ran to its end
-            state.epoch += 1
-            source.set_epoch(state.epoch)
-            state.source = source.state_dict()
-            if has_validation and train_cfg.eval_each_epoch and state.step not in evaluated:
-                run_evaluation()
-    if has_validation and state.step not in evaluated:  # the final weights compete for "best" too
-        run_evaluation()
+        )
+        try:
+            for micro_batches in windows(batches, train_cfg.grad_accum):
+                step = train_step(engine, task, micro_batches, context)
+                tally.add(step)
+                state.step += 1
+                state.source = source.state_dict()
+                stop = False
+                if state.step % train_cfg.log_every == 0 or state.step == total_steps:
+                    read = read_tally()
+                    stop = read["stop"]
+                    record = {**window.flush(), "lr": engine.lr, "grad_norm": read["grad_norm"]}
+                    metrics_log.log("train", state.step, **record, epoch=state.epoch)
+                    progress.postfix(loss=record["loss"], lr=record["lr"])
+                if validation.due(state.step):
+                    stop = read_tally()["stop"] or stop
+                    validate_and_checkpoint()
+                    tally.restart_clock()  # evaluation time is not training throughput
+                elif train_cfg.save_every and state.step % train_cfg.save_every == 0:
+                    stop = read_tally()["stop"] or stop
+                    checkpoints.save(engine, state)
+                    tally.restart_clock()
+                if stop:  # SIGTERM or a pre-emption notice, agreed by all ranks in the tally's reduction
+                    saved = checkpoints.save(engine, state)
+                    raise Preempted(
+                        f"stopped at step {state.step} on request; checkpoint {saved} written; "
+                        "run the same command again to resume from it"
+                    )
+                if state.step >= total_steps or state.stopped_early:
+                    break
+            else:  # the epoch ran to its end
+                state.epoch += 1
+                source.set_epoch(state.epoch)
+                state.source = source.state_dict()
+                if validation.due(state.step, epoch_ended=True):
+                    read_tally()
+                    validate_and_checkpoint()
+                    tally.restart_clock()
+        finally:
+            batches.close()  # stops the prefetch thread of an epoch left early
+    read_tally()
+    if validation.enabled and state.step not in validation.evaluated:  # the final weights compete too
+        validate_and_checkpoint()
     train_seconds = time.perf_counter() - train_started
     if state.stopped_early:
         log.info(
@@ -217,14 +180,14 @@ def train(
             state.step,
             train_cfg.early_stopping_patience,
         )
-    if not has_validation:
+    if not validation.enabled:
         checkpoints.save(engine, state)
     return finish(
         job,
         engine,
         checkpoints,
         state,
-        evaluated,
+        validation.evaluated,
         train_seconds,
         metrics_log,
         progress,
