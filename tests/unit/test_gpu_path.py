@@ -218,7 +218,7 @@ def test_devices_are_indexed_and_use_gpu_true_needs_a_gpu(monkeypatch):
     assert choose_device("auto", 0) == torch.device("cpu")
     assert choose_device(False, 0) == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(LaunchError, match="run.use_gpu=true"):
+    with pytest.raises(LaunchError, match=r"run\.use_gpu=true"):
         choose_device(True, 0)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -271,7 +271,7 @@ def test_a_checkpoint_whose_pickle_runs_code_is_refused(tmp_path):
 
     marker = tmp_path / "pwned"
     torch.save({"torch": _RunsCode(marker)}, saved / "rng-rank0.pt", pickle_protocol=2)
-    with pytest.raises(CheckpointError, match="rng-rank0.pt"):
+    with pytest.raises(CheckpointError, match=r"rng-rank0\.pt"):
         manager.load(Engine(), saved)
     assert not marker.exists()
 
