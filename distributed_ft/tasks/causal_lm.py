@@ -363,6 +363,8 @@ class CausalLMTask:
         texts = [""] * len(prompts)
         device = next(model.parameters()).device
         eos = self.tokenizer.eos_token_id
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        partitioned = world > 1 and any(hasattr(p, "ds_id") for p in model.parameters())
         for chunk in progress.wrap(batches, total=len(batches), desc="generate") if progress else batches:
             width = max(len(prompts[i]) for i in chunk)
             input_ids = torch.full((len(chunk), width), self.pad_token_id, dtype=torch.long)
@@ -377,6 +379,7 @@ class CausalLMTask:
                 do_sample=False,
                 pad_token_id=self.pad_token_id,
                 eos_token_id=eos,
+                synced_gpus=partitioned,  # ZeRO-3: ranks keep forwarding until all have finished
             )
             for row, i in enumerate(chunk):
                 texts[i] = self.tokenizer.decode(output[row, width:], skip_special_tokens=True).strip()

@@ -9,7 +9,7 @@ from pathlib import Path
 from distributed_ft.config.load import load_config
 from distributed_ft.engine import build_engine
 from distributed_ft.errors import CheckpointError, ConfigError
-from distributed_ft.modeling.build import load_tokenizer, load_trained
+from distributed_ft.modeling.build import load_tokenizer, load_trained, model_hidden_size
 from distributed_ft.modeling.peft import MERGEABLE, apply_peft, merge_adapter, write_export_extras
 from distributed_ft.runtime.context import RuntimeContext
 from distributed_ft.tasks import get_task
@@ -42,7 +42,9 @@ def export_run(run_dir: str, out: str, which: str, context: RuntimeContext, merg
     labels_file = root / "labels.json"
     labels = json.loads(labels_file.read_text()) if labels_file.is_file() else None
     engine = build_engine(config, context)
-    engine.prepare(apply_peft(get_task(config).build_model(labels), config), total_steps=1)
+    with engine.model_construction(model_hidden_size(config.model)):  # ZeRO-3: built partitioned
+        model = apply_peft(get_task(config).build_model(labels), config)
+    engine.prepare(model, total_steps=1)
     engine.load(checkpoint, weights_only=True)
     target = Path(out)
     written = target.with_name(f".{target.name}.adapter") if merge_lora else target

@@ -85,8 +85,11 @@ def test_stage_trains_on_two_processes(trained, stage):
 def test_stages_agree_with_each_other(trained):
     """Same data, seed and fp32 math: every ZeRO stage follows DDP's loss and gradient norm closely.
 
-    This pins down the accumulation contract: DeepSpeed scales by ``1 / grad_accum`` and clips once,
-    and the loop's boundaries (partial windows included) are DeepSpeed's.
+    This pins down the accumulation contract: the loop normalises each window's loss by its global
+    target count, DeepSpeed does not rescale it (``scale_wrt_gas=False``) and clips once, and the loop's
+    boundaries (partial windows included) are DeepSpeed's. A broken contract shows as factors (x2, x1/2);
+    ZeRO's reduce-scatter sums in another order than DDP's all-reduce, and AdamW amplifies that rounding
+    over the steps (~1e-4 by step 5), hence the tolerance.
     """
     reference = mp_helpers.train_records(trained("ddp"))
     for stage in STAGES:
@@ -94,7 +97,7 @@ def test_stages_agree_with_each_other(trained):
         assert sorted(records) == sorted(reference), stage
         for step, expected in reference.items():
             for key in ("loss", "grad_norm", "lr"):
-                assert records[step][key] == pytest.approx(expected[key], rel=1e-4, abs=1e-5), (
+                assert records[step][key] == pytest.approx(expected[key], rel=5e-4, abs=1e-5), (
                     stage,
                     step,
                     key,
