@@ -30,6 +30,7 @@ KINDS = {
     "launchers": "benchmarks.launch",
     "zero": "benchmarks.zero",
     "data_pipeline": "benchmarks.data_pipeline",
+    "zero3_load": "benchmarks.zero3_load",
 }
 """``kind`` -> the module whose ``run(spec, workdir)`` returns the payload."""
 

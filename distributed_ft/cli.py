@@ -128,6 +128,17 @@ def _context(config=None):
     return context, setup_logging
 
 
+def _inference_context(config):
+    """The context of ``evaluate`` / ``predict`` / ``export``: the config's ``run.use_gpu``.
+
+    Any number of processes is accepted (the launcher decides): a run trained on 8 workers exports in one.
+    """
+    from distributed_ft.runtime.context import create_context
+    from distributed_ft.runtime.tracking import setup_logging
+
+    return create_context(use_gpu=config.run.use_gpu), setup_logging
+
+
 def _quiet_libraries(verbose: bool) -> None:
     if not verbose:
         import transformers
@@ -173,9 +184,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from distributed_ft.tasks import get_task
     from distributed_ft.train.predict import evaluate_model, locate_model
 
-    context, setup_logging = _context()
-    setup_logging(context, args.verbose)
     overrides = [*args.overrides, *(["run.progress=false"] if args.quiet else [])]
+    context, setup_logging = _inference_context(locate_model(args.path, overrides)[1])
+    setup_logging(context, args.verbose)
     metrics = evaluate_model(args.path, overrides, context)
     if context.is_main:
         _, config = locate_model(args.path, overrides)
@@ -185,11 +196,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """``dft predict``: apply a trained model to a file."""
-    from distributed_ft.train.predict import predict_file
+    from distributed_ft.train.predict import locate_model, predict_file
 
-    context, setup_logging = _context()
-    setup_logging(context, args.verbose)
     overrides = [*args.overrides, *(["run.progress=false"] if args.quiet else [])]
+    context, setup_logging = _inference_context(locate_model(args.path, overrides)[1])
+    setup_logging(context, args.verbose)
     count = predict_file(args.path, args.input, args.format, args.output, context, overrides)
     if args.output:
         log.info("wrote %d predictions to %s", count, args.output)
@@ -198,9 +209,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """``dft export``: export a checkpoint as a ``save_pretrained`` directory."""
-    from distributed_ft.train.export import export_run
+    from distributed_ft.train.export import export_run, run_config
 
-    context, setup_logging = _context()
+    context, setup_logging = _inference_context(run_config(args.path))
     setup_logging(context, args.verbose)
     out = export_run(args.path, args.out, args.checkpoint, context, merge_lora=args.merge_lora)
     log.info("exported %s", out)

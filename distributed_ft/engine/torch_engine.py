@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from distributed_ft.modeling.peft import load_trainable_state_dict, trainable_st
 from distributed_ft.runtime.context import RuntimeContext
 from distributed_ft.runtime.safe_load import load_checked
 
+log = logging.getLogger("distributed_ft")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _STATE_FILE = "engine_state.pt"
 
@@ -126,8 +128,21 @@ class TorchEngine:
         }
 
 
+def inference_precision(precision: str, device: torch.device) -> str:
+    """The autocast precision inference runs with: the training one where ``device`` supports it.
+
+    fp16 autocast needs CUDA; a model trained with it is evaluated in full precision elsewhere.
+    """
+    if precision == "fp16" and device.type != "cuda":
+        log.info("train.mixed_precision=fp16 needs a GPU; running inference on %s in full precision", device)
+        return "no"
+    return precision
+
+
 def inference_engine(model: nn.Module, config: JobConfig, context: RuntimeContext) -> TorchEngine:
     """A TorchEngine that only runs forward passes (evaluation and prediction of a trained model)."""
-    engine = TorchEngine(config, context)
+    precision = inference_precision(config.train.mixed_precision, context.device)
+    train = config.train.model_copy(update={"mixed_precision": precision})
+    engine = TorchEngine(config.model_copy(update={"train": train}), context)
     engine._model = engine._wrapped = model.to(context.device).eval()
     return engine

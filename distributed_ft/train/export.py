@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from distributed_ft.config.load import load_config
+from distributed_ft.config.schema import JobConfig
 from distributed_ft.engine import build_engine
 from distributed_ft.errors import CheckpointError, ConfigError
 from distributed_ft.modeling.build import load_tokenizer, load_trained, model_hidden_size
@@ -16,6 +17,18 @@ from distributed_ft.tasks import get_task
 from distributed_ft.train.checkpoint import CheckpointManager
 
 
+def run_config(run_dir: str) -> JobConfig:
+    """The resolved config a run directory was trained with.
+
+    Raises:
+        ConfigError: ``run_dir`` has no ``config.yaml``.
+    """
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir!r} is not a run directory (no config.yaml)")
+    return load_config(str(path))[0]
+
+
 def export_run(run_dir: str, out: str, which: str, context: RuntimeContext, merge_lora: bool = False) -> Path:
     """Load checkpoint ``which`` (``best``, ``latest`` or a path) of ``run_dir`` and export it to ``out``.
 
@@ -23,9 +36,7 @@ def export_run(run_dir: str, out: str, which: str, context: RuntimeContext, merg
     LoRA or IA3 adapter into the base weights and writes a full model instead.
     """
     root = Path(run_dir)
-    if not (root / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir!r} is not a run directory (no config.yaml)")
-    config, _ = load_config(str(root / "config.yaml"))
+    config = run_config(run_dir)
     if merge_lora and config.peft.method not in MERGEABLE:
         full = " (its export is a full model already)" if config.peft.method in ("none", "freeze") else ""
         raise ConfigError(

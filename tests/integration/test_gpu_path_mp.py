@@ -50,7 +50,7 @@ def _builtin_smollm2() -> str:
 @pytest.mark.multiproc
 def test_zero3_builds_partitioned_and_adapter_export_gathers_no_frozen_parameter(tmp_path):
     model = _builtin_smollm2()
-    script = mp_helpers.SCRIPTS / "zero3_construction.py"
+    script = mp_helpers.REPO / "benchmarks" / "zero3_load.py"  # the benchmark's worker, with --lora
     done = mp_helpers.torchrun([model, str(tmp_path), "--lora"], script=script)
     assert done.returncode == 0, mp_helpers.describe(done)
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]

@@ -47,11 +47,12 @@ def test_every_experiment_file_loads_and_its_job_config_validates(name, smoke):
     spec = runner.load_experiment(name, smoke=smoke)
     assert spec["kind"] in runner.KINDS and spec["description"].strip()
     config = common.job_config({**spec["job"], "overrides": {**spec["job"]["overrides"], "model.name": "x"}})
-    assert config.task == "token_classification"
+    assert config.task in ("token_classification", "causal_lm")
 
 
 def test_the_expected_experiments_exist():
-    assert {"loops", "orchestration", "zero", "data_pipeline", "scaling"} <= set(runner.experiment_names())
+    expected = {"loops", "orchestration", "zero", "data_pipeline", "scaling", "zero3_load"}
+    assert expected <= set(runner.experiment_names())
 
 
 def test_smoke_merges_overrides_and_replaces_params():
@@ -176,6 +177,16 @@ def test_zero_smoke(bench_cache, tmp_path):
         assert abs(record["errors"]["model_states"]) < 0.05
     assert cases["lora ZeRO-3"]["deepspeed_estimate_bytes"] > 0
     assert cases["lora ZeRO-0"]["deepspeed_estimate_bytes"] is None  # DeepSpeed has no ZeRO-0 estimator
+
+
+@pytest.mark.multiproc
+def test_zero3_load_smoke(bench_cache, tmp_path):
+    payload = _smoke("zero3_load", tmp_path)
+    assert {r["variant"] for r in payload["records"]} == {"partitioned fp32", "unpartitioned fp32"}
+    shares = {(row[0], row[2]): float(row[3]) for row in payload["tables"][0]["rows"]}
+    assert all(0.4 <= shares[("partitioned fp32", rank)] <= 0.6 for rank in (0, 1)), shares
+    assert all(shares[("unpartitioned fp32", rank)] == 1.0 for rank in (0, 1)), shares
+    assert payload["ratios"][0]["per_repeat"]
 
 
 @pytest.mark.multiproc
