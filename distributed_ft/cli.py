@@ -160,12 +160,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         context, setup_logging = _context(config)  # a wrong launch is refused before the heavy imports
         setup_logging(context, args.verbose)
+        from distributed_ft.runtime.context import local_world_size, set_intra_op_threads
         from distributed_ft.train.loop import train
 
-        if config.run.num_threads:
-            import torch
-
-            torch.set_num_threads(config.run.num_threads)
+        log.info(set_intra_op_threads(config.run.num_threads, local_world_size()))
         started = time.perf_counter()
         results = train(config, context, name)
         if not context.is_main:

@@ -27,7 +27,7 @@ from distributed_ft.config.load import validate
 from distributed_ft.config.schema import JobConfig
 from distributed_ft.data.prepare import PreparedDataset, PreparedSplit
 from distributed_ft.errors import LaunchError
-from distributed_ft.runtime.context import GPU_BACKEND, ProcessGroupContext
+from distributed_ft.runtime.context import GPU_BACKEND, ProcessGroupContext, set_intra_op_threads
 
 log = logging.getLogger("distributed_ft")
 
@@ -103,6 +103,8 @@ def train_worker(payload: dict[str, Any]) -> None:
     config = validate(payload["config"])
     context = RayContext()
     setup_logging(context)
+    # Ray sets OMP_NUM_THREADS to the CPUs the worker reserved: that is this worker's share
+    log.info(set_intra_op_threads(config.run.num_threads, local_world_size=1))
     prepared = payload["prepared"]
     splits = {
         name: RaySplit(name, stats, prepared["blocks"][name]) for name, stats in prepared["stats"].items()

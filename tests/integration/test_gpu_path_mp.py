@@ -67,3 +67,28 @@ def test_zero3_builds_partitioned_and_adapter_export_gathers_no_frozen_parameter
     tensors = load_file(adapter)
     assert tensors and all(t.numel() > 0 for t in tensors.values())
     assert any("lora_" in name for name in tensors), sorted(tensors)[:5]
+
+
+@pytest.mark.slow
+def test_bf16_deepspeed_export_holds_the_fp32_masters(tiny_bert, tiny_conll, tmp_path):
+    """A bf16 ZeRO-2 run exports fp32 tensors that are not bf16 values upcast (the masters)."""
+    args = mp_helpers.job_overrides(
+        tiny_bert,
+        tiny_conll,
+        tmp_path,
+        "run.engine=deepspeed",
+        "deepspeed.zero_stage=2",
+        "train.mixed_precision=bf16",
+        "data.validation=null",
+        "train.max_steps=4",
+    )
+    done = mp_helpers.run([sys.executable, "-m", "distributed_ft", "-q", "train", *args])
+    assert done.returncode == 0, mp_helpers.describe(done)
+    tensors = mp_helpers.load_tensors(tmp_path / "run" / "export")
+    config = json.loads((tmp_path / "run" / "export" / "config.json").read_text())
+    assert config["dtype"] == "float32"
+    trained = {n: t for n, t in tensors.items() if t.is_floating_point() and t.numel() > 100}
+    assert trained and all(t.dtype == torch.float32 for t in trained.values())
+    # 16-bit module weights upcast would round-trip through bf16 unchanged; masters do not
+    changed = sum(not torch.equal(t, t.to(torch.bfloat16).float()) for t in trained.values())
+    assert changed >= len(trained) // 2, (changed, len(trained))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -92,3 +93,13 @@ def test_torchrun_context_from_env_vars_in_a_fresh_process(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["TorchrunContext", "0", "1", "0", "cpu", "1"]
+
+
+def test_each_local_process_takes_its_share_of_the_cores(monkeypatch):
+    from distributed_ft.runtime.context import local_world_size, share_of_cores
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert share_of_cores(2, env={}) == (4, "8 cores / 2 local processes")
+    assert share_of_cores(16, env={})[0] == 1  # never zero
+    assert share_of_cores(2, env={"OMP_NUM_THREADS": "3"}) == (3, "OMP_NUM_THREADS")  # the user's (or Ray's)
+    assert local_world_size({"LOCAL_WORLD_SIZE": "4"}) == 4 and local_world_size({}) == 1
