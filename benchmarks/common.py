@@ -29,6 +29,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from distributed_ft.testing import tensor_bytes
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 SMOKE_RESULTS = RESULTS / "tmp"
@@ -283,10 +285,6 @@ class TimedEngine:
 
 
 # --------------------------------------------------------------------------- memory
-def tensor_bytes(tensors: Iterable[Any]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
 def model_state_bytes(model: Any, optimizer: Any) -> dict[str, int]:
     """Parameters, gradients and optimizer states of a plain torch model + optimizer (from the tensors)."""
     params = list(model.parameters())
@@ -403,26 +401,16 @@ def tiny_bert_dir() -> Path:
     import shutil
     import tempfile
 
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from transformers import AutoTokenizer
 
     from distributed_ft.data.builtin import resolve
+    from distributed_ft.testing import make_tiny_bert
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve("builtin:minilm-l6"))
-        torch.manual_seed(0)
-        config = BertConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=128,
-            max_position_embeddings=512,
-        )
-        BertModel(config).save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        make_tiny_bert(staging, tokenizer=tokenizer, max_position_embeddings=512)
         try:
             os.replace(staging, target)  # atomic; a concurrent builder that won first is kept
         except OSError:

@@ -32,7 +32,8 @@ Definitions:
 
 The models are the offline packages where installed (``builtin:minilm-l6``, ``builtin:smollm2-135m``),
 else randomly initialised models of the real shapes built from configs with a synthetic tokenizer whose
-words are single tokens (MPNet-base always: it has no package). Throughput does not depend on the weights.
+words are single tokens (``distributed_ft.testing.save_shaped_model``; MPNet-base always: it has no
+package). Throughput does not depend on the weights.
 
 Usage: ``python benchmarks/gpu_bench.py [--out DIR] [--quick]`` writes ``DIR/gpu-<date>.json`` and
 ``.md`` (default ``benchmarks/results``; a failed loop's log goes to ``DIR/gpu-bench-logs/``) and exits 1
@@ -141,105 +142,7 @@ def settings_for(mode: str) -> Settings:
     return Settings(mode, "cpu", False, 2, 1, 64, 1, 2, 1, 1, 180)
 
 
-# --------------------------------------------------------------------------- models and tokenizers
-def _letters(index: int) -> str:
-    """``x`` + ``index`` in base 26 (``xa``, ``xb``, ...): distinct lower-case alphabetic words."""
-    out = ""
-    while True:
-        index, digit = divmod(index, 26)
-        out = chr(ord("a") + digit) + out
-        if index == 0:
-            return "x" + out
-
-
-def wordpiece_tokenizer(vocab_size: int, specials: dict[str, str]):
-    """A BERT WordPiece tokenizer of exactly ``vocab_size`` entries (letters, ``##`` letters, words)."""
-    from transformers import BertTokenizerFast
-
-    vocab = list(dict.fromkeys(specials.values()))
-    vocab += list("abcdefghijklmnopqrstuvwxyz") + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
-    index = 0
-    while len(vocab) < vocab_size:
-        vocab.append(_letters(index))
-        index += 1
-    tokenizer = BertTokenizerFast(
-        vocab={token: i for i, token in enumerate(vocab)},
-        do_lower_case=True,
-        model_input_names=["input_ids", "attention_mask"],
-        **specials,
-    )
-    return tokenizer
-
-
-def wordlevel_tokenizer(vocab_size: int):
-    """A whitespace word-level tokenizer of ``vocab_size`` entries (``<pad>`` ``<s>`` ``</s>`` ``<unk>``)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {token: i for i, token in enumerate(specials)}
-    for index in range(vocab_size - len(specials)):
-        vocab[_letters(index)] = len(vocab)
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.decoder = decoders.WordPiece(prefix="##")
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        model_input_names=["input_ids", "attention_mask"],
-    )
-
-
-def build_config_model(family: str, directory: Path) -> None:
-    """Save a randomly initialised model of ``family``'s real shape and its tokenizer in ``directory``."""
-    import torch
-    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, MPNetConfig, MPNetModel
-
-    torch.manual_seed(0)
-    directory.mkdir(parents=True, exist_ok=True)
-    if family == "minilm":
-        bert = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]"}
-        tokenizer = wordpiece_tokenizer(30522, {**bert, "mask_token": "[MASK]"})
-        config = BertConfig(
-            vocab_size=30522,
-            hidden_size=384,
-            num_hidden_layers=6,
-            num_attention_heads=12,
-            intermediate_size=1536,
-            max_position_embeddings=512,
-        )
-        model = BertModel(config)
-    elif family == "mpnet":
-        # MPNet's own special-token order: <s>=0, <pad>=1 (its padding_idx), </s>=2, <unk>=3
-        specials = {"cls_token": "<s>", "pad_token": "<pad>", "sep_token": "</s>", "unk_token": "<unk>"}
-        tokenizer = wordpiece_tokenizer(30527, {**specials, "mask_token": "<mask>"})
-        config = MPNetConfig()  # the defaults are MPNet-base: 12 x 768, 12 heads, FFN 3072, vocab 30527
-        model = MPNetModel(config)
-    else:
-        tokenizer = wordlevel_tokenizer(49152)
-        config = LlamaConfig(
-            vocab_size=49152,
-            hidden_size=576,
-            intermediate_size=1536,
-            num_hidden_layers=30,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            max_position_embeddings=2048,
-            rms_norm_eps=1e-5,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            tie_word_embeddings=True,
-        )
-        model = LlamaForCausalLM(config)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-
-
+# --------------------------------------------------------------------------- models
 def resolve_builtin(family: str) -> str | None:
     """The local directory of the offline package for ``family``, when it is installed."""
     name = BUILTINS.get(family)
@@ -690,6 +593,8 @@ def prepare(
     settings: Settings, cases: list[Case], work: Path, use_builtin: bool
 ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """Models (builtin or config-built) and synthetic data per family; FLOP counts per case."""
+    from distributed_ft.testing import save_shaped_model
+
     families: dict[str, dict[str, Any]] = {}
     for case in cases:
         if case.family in families:
@@ -700,7 +605,7 @@ def prepare(
             source = f"builtin:{BUILTINS[case.family]}"
         else:
             path = str(work / "models" / case.family)
-            build_config_model(case.family, Path(path))
+            save_shaped_model(case.family, Path(path))
             source = "config-built (random init, real shape)"
         words = single_token_words(path)
         families[case.family] = {"model_dir": path, "source": source, "words": words}

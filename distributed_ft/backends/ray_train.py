@@ -1,23 +1,31 @@
 """Ray Train backend: the same loop on Ray Train workers, data through Ray Data, fault tolerance.
 
 The only module that imports ``ray``. The driver (``dft train ... run.backend=ray``) prepares the data once,
-reads the prepared Parquet shards with ``ray.data.read_parquet`` and starts a ``TorchTrainer`` whose workers
-run :func:`train_worker`: a :class:`RayContext` around the library's own loop.
+puts the prepared Parquet shards in Ray's object store (``ray.put`` from the driver: no task has to run on
+the head node, which a cluster usually starts with ``--num-cpus=0``) and starts a ``TorchTrainer`` whose
+workers run :func:`train_worker`: a :class:`RayContext` around the library's own loop.
 
-Data: the driver reads the prepared shards with Ray Data and puts the Arrow blocks in the object store;
-every worker fetches them (no shared filesystem needed) and takes its disjoint batches with the library's
-deterministic per-rank batch plan. Ray Data's ``streaming_split`` / ``get_dataset_shard`` assign blocks to
-workers dynamically, so a restarted worker could not find its place in the epoch again (ray #37633,
-#46814); the deterministic plan makes the restored data position exact. (Running Ray Data's executor inside
-the workers also starved for CPU on small nodes where the workers reserve every CPU.) The cost: each worker
-holds the whole tokenized split in memory, fine for fine-tuning corpora up to a few GB.
+Data: every worker fetches the Arrow blocks from the object store (no shared filesystem needed) and takes its
+disjoint batches with the library's deterministic per-rank batch plan. Ray Data's ``streaming_split`` /
+``get_dataset_shard`` assign blocks to workers dynamically, so a restarted worker could not find its place
+in the epoch again (ray #37633, #46814); the deterministic plan makes the restored data position exact. The
+cost: each worker holds the whole tokenized split in memory, fine for fine-tuning corpora up to a few GB.
+
+Storage: a worker's run directory is node-local scratch (``$TMPDIR/dft-runs/...``, removed when the run
+ends). Checkpoints reach ``run.storage_path`` through ``ray.train.report``; rank 0 uploads ``config.yaml``,
+``labels.json`` and ``metrics.jsonl`` with each checkpoint and, at the end, ``results.json`` and
+``export/`` (:mod:`distributed_ft.runtime.storage`). The driver reads the results from storage and keeps a
+local copy in ``run.output_dir``; nothing assumes that the driver and rank 0 share a disk.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +35,7 @@ from distributed_ft.config.load import validate
 from distributed_ft.config.schema import JobConfig
 from distributed_ft.data.prepare import PreparedDataset, PreparedSplit
 from distributed_ft.errors import LaunchError
+from distributed_ft.runtime import storage
 from distributed_ft.runtime.context import GPU_BACKEND, ProcessGroupContext, set_intra_op_threads
 
 log = logging.getLogger("distributed_ft")
@@ -35,7 +44,8 @@ log = logging.getLogger("distributed_ft")
 class RayContext(ProcessGroupContext):
     """A Ray Train worker: rank and device from Ray, process group set up by ``TorchTrainer``."""
 
-    def __init__(self) -> None:
+    def __init__(self, outputs: str, scratch: Path) -> None:
+        """``outputs``: where rank 0 persists the run's files; ``scratch``: this node's run directory."""
         import ray.train
         import ray.train.torch
 
@@ -46,16 +56,42 @@ class RayContext(ProcessGroupContext):
             local_rank=context.get_local_rank(),
             device=ray.train.torch.get_device(),
         )
+        self.outputs, self.scratch = outputs, scratch
         self._restored: Path | None = None
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
-        """Report metrics; a checkpoint directory is uploaded to ``run.storage_path`` (shards merged)."""
+    def persist(self, run_dir: Path, final: bool = False) -> None:
+        """Rank 0 uploads the run's files (and at the end ``export/``) to ``run.storage_path``."""
+        if self.is_main:
+            storage.persist_run(run_dir, self.outputs, final)
+
+    def report(
+        self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, files: list[Path] | None = None
+    ) -> None:
+        """Report metrics, and upload this rank's ``files`` of a checkpoint to ``run.storage_path``.
+
+        Ray merges what every rank reports for one step into one checkpoint directory in storage; each
+        rank hands over only the files it wrote (hard links in a directory of its own), so each file is
+        uploaded once, whether or not the ranks share a disk.
+        """
         import ray.train
 
         numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float | str | bool)}
-        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        name = checkpoint_dir.name if checkpoint_dir else None
-        ray.train.report(numbers, checkpoint=checkpoint, checkpoint_dir_name=name)
+        if checkpoint_dir is None:
+            ray.train.report(numbers)
+            return
+        own = checkpoint_dir.parent / f".report-{checkpoint_dir.name}-rank{self.rank}"
+        shutil.rmtree(own, ignore_errors=True)
+        for relative in (
+            files if files is not None else [p.relative_to(checkpoint_dir) for p in _files(checkpoint_dir)]
+        ):
+            (own / relative).parent.mkdir(parents=True, exist_ok=True)
+            os.link(checkpoint_dir / relative, own / relative)
+        own.mkdir(parents=True, exist_ok=True)
+        try:
+            checkpoint = ray.train.Checkpoint.from_directory(str(own))
+            ray.train.report(numbers, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir.name)
+        finally:
+            shutil.rmtree(own, ignore_errors=True)
 
     def resume_checkpoint(self) -> Path | None:
         """The latest checkpoint Ray holds for this run (after a worker failure or a re-submission)."""
@@ -64,10 +100,10 @@ class RayContext(ProcessGroupContext):
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
-        if self._restored is None:
-            local = Path(tempfile.mkdtemp(prefix="dft-restore-")) / Path(checkpoint.path).name
-            checkpoint.to_directory(str(local))
-            self._restored = local
+        if self._restored is None:  # inside the node's scratch directory: removed with it
+            local = Path(tempfile.mkdtemp(prefix=f"restore-rank{self.rank}-", dir=self.scratch))
+            checkpoint.to_directory(str(local / Path(checkpoint.path).name))
+            self._restored = local / Path(checkpoint.path).name
         return self._restored
 
     def stop_requested_locally(self) -> bool:
@@ -76,6 +112,10 @@ class RayContext(ProcessGroupContext):
 
         preempted = ray.train.get_preemption_info() is not None  # a barrier: every rank always asks
         return super().stop_requested_locally() or preempted
+
+
+def _files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file())
 
 
 class RaySplit(PreparedSplit):
@@ -101,7 +141,11 @@ def train_worker(payload: dict[str, Any]) -> None:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     config = validate(payload["config"])
-    context = RayContext()
+    # the run directory is node-local scratch; what the user keeps goes to storage (RayContext.persist)
+    scratch = Path(tempfile.gettempdir()) / "dft-runs" / payload["scratch_name"]
+    scratch.mkdir(parents=True, exist_ok=True)
+    config = config.model_copy(update={"run": config.run.model_copy(update={"output_dir": str(scratch)})})
+    context = RayContext(payload["outputs"], scratch)
     setup_logging(context)
     # Ray sets OMP_NUM_THREADS to the CPUs the worker reserved: that is this worker's share
     log.info(set_intra_op_threads(config.run.num_threads, local_world_size=1))
@@ -111,6 +155,9 @@ def train_worker(payload: dict[str, Any]) -> None:
     }
     data = PreparedDataset(Path(prepared["directory"]), splits, prepared["labels"], reused=True)
     train(config, context, payload["name"], data=data)
+    context.barrier()  # every rank is done with its node's scratch directory
+    # every rank removes it: Ray counts local ranks per IP address, which is no disk identity
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def ray_use_gpu(use_gpu: bool | str, cluster_resources: dict[str, float]) -> bool:
@@ -136,16 +183,10 @@ def _ray_init(num_cpus: int | None) -> None:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
-def _parquet_paths(split: PreparedSplit) -> list[str]:
-    """Shard paths Ray Data can read: ``local://`` ones are read on the driver's node (no shared FS)."""
-    return [
-        f"local://{p.resolve()}" if os.environ.get("RAY_ADDRESS") else str(p.resolve()) for p in split.shards
-    ]
-
-
 def train_on_ray(config: JobConfig, name: str) -> tuple[dict[str, Any], str]:
     """Prepare the data, then train with ``run.num_workers`` Ray Train workers; returns results, run dir."""
-    import ray.data
+    import pyarrow.parquet as pq
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -165,12 +206,21 @@ def train_on_ray(config: JobConfig, name: str) -> tuple[dict[str, Any], str]:
 
     run = config.run
     _ray_init(None if os.environ.get("RAY_ADDRESS") else max(run.num_workers, os.cpu_count() or 1))
-    ray.data.DataContext.get_current().enable_progress_bars = False
     blocks = {  # read once by the driver; the workers only fetch the Arrow blocks from the object store
-        split.name: ray.data.read_parquet(_parquet_paths(split)).to_arrow_refs()
+        split.name: [ray.put(pq.read_table(shard)) for shard in split.shards]
         for split in prepared.splits.values()
     }
-    storage = run.storage_path or str(run_dir / "ray")
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and run.storage_path is None:
+        raise LaunchError(
+            f"this Ray cluster has {len(nodes)} nodes but run.storage_path is not set: checkpoints and "
+            "results would land on disks the driver and the other nodes cannot read. Set run.storage_path "
+            "to storage every node reaches: s3://BUCKET/PATH (AWS), gs://BUCKET/PATH, or a shared NFS path "
+            "(KubeRay: a bucket or a ReadWriteMany volume)"
+        )
+    storage_path = run.storage_path or str(run_dir / "ray")
+    ray_name = run.ray_run_name or run_dir.name
+    outputs = storage.join(storage_path, ray_name)
     use_gpu = ray_use_gpu(run.use_gpu, ray.cluster_resources())
     log.info("Ray workers: %d x %s", run.num_workers, "GPU" if use_gpu else "CPU")
     trainer = TorchTrainer(
@@ -178,6 +228,8 @@ def train_on_ray(config: JobConfig, name: str) -> tuple[dict[str, Any], str]:
         train_loop_config={
             "config": config.model_dump(mode="json"),
             "name": name,
+            "outputs": outputs,
+            "scratch_name": f"{ray_name}-{uuid.uuid4().hex[:8]}",
             "prepared": {
                 "directory": str(prepared.directory),
                 "labels": prepared.labels,
@@ -191,8 +243,8 @@ def train_on_ray(config: JobConfig, name: str) -> tuple[dict[str, Any], str]:
         # GPU workers: NCCL for tensors, gloo for the pickled objects of object collectives.
         torch_config=TorchConfig(backend=GPU_BACKEND if use_gpu else "gloo"),
         run_config=RunConfig(
-            name=run.ray_run_name or run_dir.name,
-            storage_path=storage,
+            name=ray_name,
+            storage_path=storage_path,
             failure_config=FailureConfig(max_failures=run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints + 1),
         ),
@@ -201,13 +253,14 @@ def train_on_ray(config: JobConfig, name: str) -> tuple[dict[str, Any], str]:
         result = trainer.fit()
     except Exception as exc:  # Ray wraps worker errors; say where the logs are
         raise LaunchError(f"the Ray Train run failed: {exc}\n(run directory: {run_dir})") from exc
-    results_file = run_dir / "results.json"
-    if not results_file.is_file():
+    results = storage.read_text(storage.join(outputs, "results.json"))
+    if results is None:
         raise LaunchError(
-            f"the Ray run finished but {results_file} is missing; run.output_dir must be on storage the "
-            "rank-0 worker and the driver share (or read results from the Ray checkpoint in "
-            f"{result.path})"
+            f"the Ray run finished but {storage.join(outputs, 'results.json')} is missing; the worker logs "
+            f"say why (checkpoints: {result.path})"
         )
-    import json
-
-    return json.loads(results_file.read_text()), str(run_dir)
+    storage.download(outputs, run_dir)  # the driver's copy; storage keeps the original
+    log.info(
+        "run outputs: %s (export: %s; local copy: %s)", outputs, storage.join(outputs, "export"), run_dir
+    )
+    return json.loads(results), str(run_dir)

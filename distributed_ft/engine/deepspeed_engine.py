@@ -172,6 +172,20 @@ def _flatten(value: Any) -> list[Any]:
     return [value] if isinstance(value, torch.Tensor) else []
 
 
+def _record_dtype(config_file: Path, dtype: str) -> None:
+    """Make ``config.json`` name the dtype the exported files hold.
+
+    ``save_pretrained`` records the dtype of the live module's parameters (16-bit under mixed precision)
+    even when the state dict it writes is the fp32 masters.
+    """
+    if not config_file.is_file():  # an adapter export: the base model's config is not written
+        return
+    saved = json.loads(config_file.read_text())
+    if saved.get("dtype") != dtype:
+        saved["dtype"] = dtype
+        config_file.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+
+
 class DeepSpeedEngine:
     """The Engine protocol on a ``deepspeed.DeepSpeedEngine`` (ZeRO 0-3, optional CPU offload)."""
 
@@ -409,10 +423,8 @@ class DeepSpeedEngine:
             dtype = _DTYPES[self.config.model.dtype]
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
             directory.mkdir(parents=True, exist_ok=True)
-            model_config = getattr(self.module, "config", None)
-            if model_config is not None and hasattr(model_config, "dtype"):
-                model_config.dtype = dtype  # config.json names the dtype the files hold
             self.module.save_pretrained(directory, state_dict=state)
+            _record_dtype(directory / "config.json", self.config.model.dtype)
         self.context.barrier()
 
     # ------------------------------------------------------------------ memory

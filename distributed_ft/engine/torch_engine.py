@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -21,6 +22,9 @@ from distributed_ft.runtime.safe_load import load_checked
 log = logging.getLogger("distributed_ft")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _STATE_FILE = "engine_state.pt"
+"""Optimizer, schedule and loss-scaler state (``weights_only`` loadable)."""
+_MODEL_FILE = "model.safetensors"
+"""The model's (trainable) weights."""
 
 
 class TorchEngine:
@@ -96,8 +100,13 @@ class TorchEngine:
     def save(self, directory: Path) -> None:
         if not self.context.is_main:  # DDP replicas are identical: rank 0 writes for all
             return
+        weights = trainable_state_dict(self.module)  # adapter-only when the base is frozen
+        # own CPU copies: safetensors refuses tensors that share memory (tied embeddings)
+        save_file(
+            {k: v.detach().to("cpu", copy=True).contiguous() for k, v in weights.items()},
+            directory / _MODEL_FILE,
+        )
         state = {
-            "model": trainable_state_dict(self.module),  # adapter-only when the base is frozen
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self._scaler.state_dict() if self._scaler else None,
@@ -105,10 +114,12 @@ class TorchEngine:
         torch.save(state, directory / _STATE_FILE)
 
     def load(self, directory: Path, weights_only: bool = False) -> None:
-        state = load_checked(directory / _STATE_FILE, map_location=self.context.device)
-        load_trainable_state_dict(self.module, state["model"])
+        load_trainable_state_dict(
+            self.module, load_file(directory / _MODEL_FILE, device=str(self.context.device))
+        )
         if weights_only:
             return
+        state = load_checked(directory / _STATE_FILE, map_location=self.context.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self._scaler and state["scaler"]:

@@ -48,12 +48,21 @@ class RuntimeContext(Protocol):
 
     def broadcast_object(self, obj: Any) -> Any: ...
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
-        """Hand metrics (and a finished checkpoint) to the orchestrator; a no-op outside Ray."""
+    def report(
+        self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, files: list[Path] | None = None
+    ) -> None:
+        """Hand metrics (and this rank's ``files`` of a finished checkpoint) to the orchestrator.
+
+        A no-op outside Ray. ``files`` are relative to ``checkpoint_dir``; ``None`` means all of them.
+        """
         ...
 
     def resume_checkpoint(self) -> Path | None:
         """A checkpoint the orchestrator wants the job to resume from (Ray after a restart)."""
+        ...
+
+    def persist(self, run_dir: Path, final: bool = False) -> None:
+        """Copy what a user keeps from ``run_dir`` to durable storage (Ray); a no-op where it already is."""
         ...
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -108,11 +117,16 @@ class ProcessGroupContext:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
-        del metrics, checkpoint_dir
+    def report(
+        self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, files: list[Path] | None = None
+    ) -> None:
+        del metrics, checkpoint_dir, files
 
     def resume_checkpoint(self) -> Path | None:
         return None
+
+    def persist(self, run_dir: Path, final: bool = False) -> None:
+        del run_dir, final
 
     def tensor(self, values: Any, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ STATE_FILE = "run_state.json"
 LATEST = "latest"
 BEST = "best"
 PREFIX = "step-"
+CLAIM = ".finalizing"
 
 
 @dataclass
@@ -87,6 +89,23 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+_OWNER = re.compile(r"(?:zero_pp_rank_|rng-rank)(\d+)")
+
+
+def owned_files(checkpoint: Path, rank: int) -> list[Path]:
+    """The files of ``checkpoint`` that ``rank`` wrote (relative paths).
+
+    DeepSpeed names each rank's shards ``*zero_pp_rank_R_*``, and RNG states are ``rng-rankR.pt``;
+    everything else (model states of stages 0-2, metadata, run state) is rank 0's.
+    """
+    owned = []
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        match = _OWNER.search(path.name)
+        if (int(match.group(1)) if match else 0) == rank:
+            owned.append(path.relative_to(checkpoint))
+    return owned
+
+
 def is_complete(directory: Path) -> bool:
     """A checkpoint directory is complete when its run state exists (written last, before the rename)."""
     return (directory / STATE_FILE).is_file() and not directory.name.startswith(".")
@@ -123,28 +142,41 @@ class CheckpointManager:
     ) -> Path:
         """Write a checkpoint of ``engine`` and ``state`` at ``state.step`` (every rank calls this).
 
-        The finished checkpoint is also handed to the orchestrator (``context.report``) with ``metrics``;
-        one rank per node reports the directory, so shards on node-local disks are all persisted.
+        Works on one shared disk and on node-local disks alike: every rank writes into the staging directory
+        on its own disk; rank 0 finalizes its disk, then one rank of every other disk (the first to claim it)
+        finalizes that one. The finished checkpoint is handed to the orchestrator (``context.report``) with
+        ``metrics``: each rank reports only the files it wrote, so each file is uploaded once.
         """
         name = f"{PREFIX}{state.step:07d}"
         final, staging = self.directory / name, self.directory / f".tmp-{name}"
-        if self.context.local_rank == 0:
-            self.directory.mkdir(parents=True, exist_ok=True)
+        if self.context.is_main:
             shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(exist_ok=True)
         self.context.barrier()
+        staging.mkdir(parents=True, exist_ok=True)  # every rank: its node's disk may not be rank 0's
         engine.save(staging)
         torch.save(_rng_state(), staging / f"rng-rank{self.context.rank}.pt")
         self.context.barrier()
         if self.context.is_main:
             self._finalize(staging, final, state, is_best)
         self.context.barrier()
-        if self.context.local_rank == 0 and staging.exists():  # another node, with its own disk
+        if staging.exists() and self._claim(staging):  # another disk: one rank there finalizes it
             self._finalize(staging, final, state, is_best)
+            (final / CLAIM).unlink(missing_ok=True)
+        self.context.barrier()
         self.context.report(
-            {"step": state.step, **(metrics or {})}, final if self.context.local_rank == 0 else None
+            {"step": state.step, **(metrics or {})}, final, owned_files(final, self.context.rank)
         )
+        self.context.persist(self.directory.parent)  # metrics so far, next to the checkpoint (Ray)
         return final
+
+    @staticmethod
+    def _claim(staging: Path) -> bool:
+        """Whether this rank is the first on its disk to claim ``staging`` for finalizing."""
+        try:
+            (staging / CLAIM).open("x").close()
+        except (FileExistsError, FileNotFoundError):
+            return False
+        return True
 
     def _finalize(self, staging: Path, final: Path, state: RunState, is_best: bool) -> None:
         """Make a fully written staging directory the checkpoint, then move the pointers."""

@@ -256,6 +256,7 @@ def finish(
         results["export"] = str(export_dir)
         (job.run_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
     metrics_log.close()
+    context.persist(job.run_dir, final=True)
     context.report({"step": state.step, "done": True})
     return results
 

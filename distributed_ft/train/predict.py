@@ -15,6 +15,7 @@ from distributed_ft.engine.torch_engine import inference_engine
 from distributed_ft.errors import ConfigError
 from distributed_ft.modeling.build import load_tokenizer, load_trained
 from distributed_ft.modeling.peft import adapter_task, is_adapter_dir
+from distributed_ft.runtime import storage
 from distributed_ft.runtime.context import RuntimeContext
 from distributed_ft.runtime.tracking import Progress
 from distributed_ft.tasks import get_task
@@ -25,7 +26,14 @@ log = logging.getLogger("distributed_ft")
 
 
 def locate_model(path: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Path, JobConfig]:
-    """The model directory and job config of a run directory (``config.yaml`` + ``export/``) or model dir."""
+    """The model directory and job config of a run directory (``config.yaml`` + ``export/``) or model dir.
+
+    ``path`` may be a storage URI (``s3://...``, what a Ray run prints): it is downloaded once (the run's
+    config and export, not its checkpoints) and read from the local copy.
+    """
+    if storage.is_uri(path):
+        copy = storage.local_copy(path, parts=("config.yaml", "labels.json", "export"))
+        path = str(copy if (copy / "config.yaml").is_file() else storage.local_copy(path))
     root = Path(path)
     if (root / "config.yaml").is_file() and (root / "export").is_dir():
         raw = yaml.safe_load((root / "config.yaml").read_text())

@@ -67,8 +67,8 @@ def test_lora_with_the_torch_engine(tiny_job, tmp_path, capsys, tiny_conll):
     mp_helpers.assert_loss_falls(run_dir)
     _check_adapter_export(run_dir)
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
-    state = torch.load(run_dir / "checkpoints" / latest / "engine_state.pt", weights_only=False)
-    assert sum(t.numel() for t in state["model"].values()) == LORA + HEAD  # adapter-only checkpoint
+    state = load_file(run_dir / "checkpoints" / latest / "model.safetensors")
+    assert sum(t.numel() for t in state.values()) == LORA + HEAD  # adapter-only checkpoint
 
     results = _results(run_dir)
     assert _evaluate_json(run_dir, capsys)["f1"] == results["test"]["f1"]  # reload == live, exactly

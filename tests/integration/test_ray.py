@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -97,18 +98,21 @@ def ray_runs(tiny_bert, tiny_conll, tmp_path_factory):
 
 
 def _kill_a_worker_after_first_checkpoint(run_dir: Path, job: subprocess.Popen) -> int:
-    """Wait until step 10's checkpoint exists and training is past it, then SIGKILL one Ray Train worker."""
+    """Wait until step 10's checkpoint is in Ray's storage, then SIGKILL one Ray Train worker of ``job``.
+
+    Workers train in node-local scratch; rank 0 persists ``metrics.jsonl`` to storage with each checkpoint.
+    """
+    persisted = run_dir / "ray" / run_dir.name
     deadline = time.time() + 300
     while time.time() < deadline:
         assert job.poll() is None, "the job ended before a worker could be killed"
-        latest = run_dir / "checkpoints" / "latest"
-        metrics = run_dir / "metrics.jsonl"
-        if latest.is_file() and metrics.is_file() and any(step > 11 for step, _ in _train_losses(run_dir)):
+        if list(persisted.glob("step-*/run_state.json")) and (persisted / "metrics.jsonl").is_file():
             break
         time.sleep(0.05)
-    workers = [
-        p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
-    ]
+    time.sleep(1.0)  # training goes on past the checkpoint
+    # only this job's workers: the job's local Ray (raylet and workers) descends from the dft process
+    family = psutil.Process(job.pid).children(recursive=True)
+    workers = [p for p in family if "RayTrainWorker" in " ".join(p.cmdline())]
     assert workers, "no Ray Train worker process found"
     workers[-1].send_signal(signal.SIGKILL)
     return workers[-1].pid
@@ -170,12 +174,28 @@ def ray_head():
         "--disable-usage-stats",
         "--include-dashboard=true",
     ]
-    subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
+    subprocess.run([*start, f"--temp-dir={short}"], env=env, check=True, capture_output=True, timeout=180)
     try:
         yield {**env, "RAY_ADDRESS": "http://127.0.0.1:8265"}
     finally:
-        subprocess.run([str(ray), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_processes_of(short)  # this head only: `ray stop` would end every Ray on the machine
         shutil.rmtree(short, ignore_errors=True)
+
+
+def _stop_processes_of(temp_dir: str) -> None:
+    """Terminate (then kill) the processes whose command line names ``temp_dir``: one Ray head's."""
+    ours = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if any(temp_dir in part for part in p.info["cmdline"] or []) and p.pid != os.getpid()
+    ]
+    for process in ours:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(ours, timeout=20)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
 
 
 def test_ray_job_submit_launcher(ray_head, tiny_bert, tiny_conll, tmp_path):

@@ -3,7 +3,6 @@
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import make_conll, make_tokenizer
 from seqeval.metrics import f1_score
 
 from distributed_ft.config import load_config
@@ -17,13 +16,14 @@ from distributed_ft.tasks.token_classification import (
     entity_metrics,
     word_tags,
 )
+from distributed_ft.testing import make_conll, make_tokenizer
 
 LABELS = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+def tokenizer():
+    return make_tokenizer()
 
 
 def test_hand_checked_alignment_first_subtoken(tokenizer):
@@ -220,3 +220,29 @@ def test_collate_pads_dynamically(tmp_path):
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert batch["labels"][0].tolist() == [-100, 1, -100, -100, -100]
     assert batch["labels"].is_contiguous()
+
+
+def test_prefetching_counts_only_the_batches_handed_out():
+    table = _lengths_table(300)
+    plain = ArrowBatchSource(table, _ids, 8, shuffle=True, seed=5)
+    expected = [x["ids"] for x in plain]
+    ahead = ArrowBatchSource(table, _ids, 8, shuffle=True, seed=5, prefetch=2)
+    it = iter(ahead)
+    seen = [next(it)["ids"] for _ in range(5)]
+    assert ahead.state_dict()["position"] == 5  # the two batches waiting in the queue do not count
+    it.close()  # an epoch left early: the producer thread stops
+    resumed = ArrowBatchSource(table, _ids, 8, shuffle=True, seed=5, prefetch=2)
+    resumed.load_state_dict(ahead.state_dict())
+    assert seen + [x["ids"] for x in resumed] == expected
+    import threading
+
+    assert not [t for t in threading.enumerate() if t.name == "dft-prefetch" and t.is_alive()]
+
+
+def test_prefetching_reraises_a_collate_error_in_the_consumer():
+    def broken(rows):
+        raise ValueError("bad row")
+
+    source = ArrowBatchSource(_lengths_table(40), broken, 8, shuffle=False, prefetch=2)
+    with pytest.raises(ValueError, match="bad row"):
+        list(source)

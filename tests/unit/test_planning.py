@@ -25,6 +25,7 @@ from distributed_ft.planning import (
     shape_from_pretrained,
     state_bytes_per_rank,
 )
+from distributed_ft.testing import tensor_bytes
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -62,10 +63,6 @@ def llama_7b():
         vocab_size=32000,
     )
     return shape_from_config(cfg, "causal_lm", name="llama-7b")
-
-
-def _bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 # --- model shapes -------------------------------------------------------------------------------------
@@ -182,9 +179,9 @@ def test_fp32_state_bytes_equal_measured_torch_adamw(freeze_embeddings):
 
     total = sum(p.numel() for p in model.parameters())
     predicted = state_bytes_per_rank(total, sum(p.numel() for p in trainable), 1, 0, "fp32")
-    assert predicted["parameters"] == _bytes(model.parameters())
-    assert predicted["gradients"] == _bytes(p.grad for p in model.parameters() if p.grad is not None)
-    assert predicted["optimizer_states"] == _bytes(states)
+    assert predicted["parameters"] == tensor_bytes(model.parameters())
+    assert predicted["gradients"] == tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
+    assert predicted["optimizer_states"] == tensor_bytes(states)
 
 
 # --- activations ---------------------------------------------------------------------------------------
@@ -364,3 +361,18 @@ def test_planning_imports_no_heavy_dependencies():
     code = "import sys, distributed_ft.planning; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_fits_includes_the_model_load_peak_and_zero3_builds_partitioned(llama_7b):
+    """8 ranks loading a 7B fp32 model whole need ~200 GiB of host RAM; ZeRO-3 needs 1/8 of it."""
+    from distributed_ft.planning.memory import model_load_bytes_per_node
+    from distributed_ft.planning.recommend import Capacity, evaluate
+
+    whole = TrainingSetup(engine="deepspeed", zero_stage=2, gpus_per_node=8, micro_batch=1)
+    partitioned = whole.replace(zero_stage=3)
+    stored = whole.stored_params(llama_7b)
+    assert model_load_bytes_per_node(whole, stored) == 8 * stored * 4
+    assert model_load_bytes_per_node(partitioned, stored) == 8 * -(-stored // 8) * 4
+    small_host = Capacity(device_bytes=10**15, host_bytes=100 * GiB, context_bytes=0)
+    assert not evaluate(llama_7b, whole, small_host).fits  # the device is large; the load peak is not
+    assert evaluate(llama_7b, partitioned, small_host).fits
