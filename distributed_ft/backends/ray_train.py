@@ -44,6 +44,8 @@ log = logging.getLogger("distributed_ft")
 class RayContext(ProcessGroupContext):
     """A Ray Train worker: rank and device from Ray, process group set up by ``TorchTrainer``."""
 
+    checkpoints_are_durable = False  # the run directory is scratch: resume only from Ray's checkpoints
+
     def __init__(self, outputs: str, scratch: Path) -> None:
         """``outputs``: where rank 0 persists the run's files; ``scratch``: this node's run directory."""
         import ray.train
@@ -154,10 +156,24 @@ def train_worker(payload: dict[str, Any]) -> None:
         name: RaySplit(name, stats, prepared["blocks"][name]) for name, stats in prepared["stats"].items()
     }
     data = PreparedDataset(Path(prepared["directory"]), splits, prepared["labels"], reused=True)
+    if context.is_main:
+        continue_metrics(payload["outputs"], scratch)
     train(config, context, payload["name"], data=data)
     context.barrier()  # every rank is done with its node's scratch directory
     # every rank removes it: Ray counts local ranks per IP address, which is no disk identity
     shutil.rmtree(scratch, ignore_errors=True)
+
+
+def continue_metrics(outputs: str, run_dir: Path) -> None:
+    """A restarted rank 0 (possibly on a new node) continues the persisted ``metrics.jsonl``.
+
+    Without this, its fresh scratch directory would start an empty file and the next upload would drop
+    every record from before the restart.
+    """
+    local = run_dir / "metrics.jsonl"
+    persisted = storage.join(outputs, "metrics.jsonl")
+    if not local.exists() and storage.read_text(persisted) is not None:
+        storage.download(persisted, local)
 
 
 def ray_use_gpu(use_gpu: bool | str, cluster_resources: dict[str, float]) -> bool:

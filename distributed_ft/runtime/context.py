@@ -38,6 +38,8 @@ class RuntimeContext(Protocol):
     world_size: int
     local_rank: int
     device: torch.device
+    checkpoints_are_durable: bool
+    """Whether checkpoints in the run directory survive a restart (``False``: node-local scratch, Ray)."""
 
     @property
     def is_main(self) -> bool: ...
@@ -87,6 +89,8 @@ _REDUCE_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
 
 class ProcessGroupContext:
     """A context backed by ``torch.distributed`` when initialised; safe at world size 1."""
+
+    checkpoints_are_durable = True
 
     def __init__(self, rank: int, world_size: int, local_rank: int, device: torch.device) -> None:
         self.rank, self.world_size, self.local_rank, self.device = rank, world_size, local_rank, device

@@ -216,3 +216,29 @@ class CheckpointManager:
         if rng.is_file():
             _set_rng_state(load_checked(rng))
         return RunState(**json.loads((directory / STATE_FILE).read_text()))
+
+
+def agree_on_resume(context: RuntimeContext, checkpoints: CheckpointManager, resume: str) -> Path | None:
+    """The checkpoint every rank resumes from: rank 0 decides, every rank checks that it has it.
+
+    The orchestrator's checkpoint (Ray's, from storage) comes first. Otherwise ``run.resume`` is looked up
+    in the run directory, unless the context says its run directory is scratch (Ray: a restarted worker may
+    find a stale checkpoint there that its peers on other nodes do not have).
+
+    Raises:
+        CheckpointError: A rank does not hold the checkpoint rank 0 chose (node-local disks that diverged).
+    """
+    mine = context.resume_checkpoint()
+    if mine is None and context.checkpoints_are_durable:
+        mine = checkpoints.find_resume(resume)
+    chosen = context.broadcast_object(mine.name if mine is not None else None)
+    if chosen is None:
+        return None
+    if mine is None or mine.name != chosen or not is_complete(mine):
+        have = mine.name if mine is not None else "none"
+        raise CheckpointError(
+            f"rank 0 resumes from {chosen} but rank {context.rank} holds {have}: the ranks do not share "
+            "their checkpoints. Put run.output_dir on a disk every node shares, use run.backend=ray with "
+            "run.storage_path, or pass run.resume=PATH of a checkpoint every rank can read"
+        )
+    return mine

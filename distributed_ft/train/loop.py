@@ -31,7 +31,7 @@ from distributed_ft.modeling.peft import (
 )
 from distributed_ft.runtime.context import RuntimeContext, describe_device
 from distributed_ft.runtime.tracking import MetricsLogger, Progress
-from distributed_ft.train.checkpoint import CheckpointManager, RunState
+from distributed_ft.train.checkpoint import CheckpointManager, RunState, agree_on_resume
 from distributed_ft.train.evaluate import evaluate
 from distributed_ft.train.job import Job, build_job
 from distributed_ft.train.step import LogWindow, StepTally, train_step, windows
@@ -83,7 +83,7 @@ def train(
     engine.prepare(model, total_steps)
     checkpoints = CheckpointManager(job.run_dir / "checkpoints", context, keep=train_cfg.keep_checkpoints)
     state = RunState()
-    resume_from = context.resume_checkpoint() or checkpoints.find_resume(config.run.resume)
+    resume_from = agree_on_resume(context, checkpoints, config.run.resume)
     if resume_from is not None:
         state = checkpoints.load(engine, resume_from)
         source.load_state_dict(state.source)

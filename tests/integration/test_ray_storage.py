@@ -4,7 +4,10 @@ The head starts with ``num_cpus=0`` (Ray's advice for clusters: no training on t
 each get one ``worker_slot`` (so the 2 Ray Train workers land on different nodes) and their own ``TMPDIR``
 (their scratch run directories). S3 is moto's standalone server on 127.0.0.1, started and stopped by a
 fixture (by PID). The job must succeed; ``results.json``, ``metrics.jsonl`` and an ``export/`` that plain
-transformers loads are read from the bucket, and the nodes' scratch directories are gone afterwards.
+transformers loads are read from the bucket, and the nodes' scratch directories are gone afterwards. Then
+the same job loses a worker node after its step-10 checkpoint and a new node joins: the run resumes from the
+checkpoint in the bucket, its per-step losses after it equal the uninterrupted run's, and no step before it
+is trained again.
 """
 
 from __future__ import annotations
@@ -81,11 +84,9 @@ def two_node_cluster(tmp_path, s3_server):
     scratch = {name: tmp_path / f"scratch-{name}" for name in ("a", "b")}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     try:
-        for directory in scratch.values():
-            directory.mkdir()
-            cluster.add_node(num_cpus=2, resources={"worker_slot": 1}, env_vars={"TMPDIR": str(directory)})
+        nodes = {name: _worker_node(cluster, directory) for name, directory in scratch.items()}
         cluster.wait_for_nodes()
-        yield cluster, scratch
+        yield cluster, scratch, nodes
     finally:
         cluster.shutdown()
         for key, value in previous.items():
@@ -95,30 +96,32 @@ def two_node_cluster(tmp_path, s3_server):
                 os.environ[key] = value
 
 
-def test_two_nodes_without_a_shared_disk_write_everything_to_the_bucket(
-    two_node_cluster, s3_server, tiny_bert, tiny_conll, tmp_path
-):
-    cluster, scratch = two_node_cluster
-    env, client = s3_server
-    storage = f"s3://{BUCKET}/runs"
+def _worker_node(cluster, scratch: Path):
+    """A 2-CPU node with one ``worker_slot`` and its own scratch directory (TMPDIR)."""
+    scratch.mkdir(exist_ok=True)
+    return cluster.add_node(num_cpus=2, resources={"worker_slot": 1}, env_vars={"TMPDIR": str(scratch)})
+
+
+def _job(cluster, env, tiny_bert, tiny_conll, tmp_path, name: str, *extra: str) -> subprocess.Popen:
     args = [
         f"model.name={tiny_bert}",
         *[f"data.{split}={path}" for split, path in tiny_conll.items()],
         f"data.cache_dir={tmp_path / 'cache'}",
         "data.max_length=64",
-        f"run.output_dir={tmp_path / 'driver-copy'}",
+        f"run.output_dir={tmp_path / name}",
         "run.backend=ray",
         "run.num_workers=2",
         "run.resources_per_worker={CPU: 1, worker_slot: 1}",
-        f"run.storage_path={storage}",
-        "run.ray_run_name=two-nodes",
+        f"run.storage_path=s3://{BUCKET}/runs",
+        f"run.ray_run_name={name}",
         "run.progress=false",
-        "train.batch_size=8",
-        "train.max_steps=12",
-        "train.save_every=6",
+        "train.batch_size=4",
+        "train.max_steps=30",
+        "train.save_every=10",
         "train.eval_each_epoch=false",
         "train.log_every=1",
         "train.lr=3e-3",
+        *extra,
     ]
     run_env = {
         **os.environ,
@@ -127,39 +130,78 @@ def test_two_nodes_without_a_shared_disk_write_everything_to_the_bucket(
         "RAY_AUTH_MODE": "disabled",
         "TOKENIZERS_PARALLELISM": "false",
     }
-    done = subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-m", "distributed_ft", "-q", "train", "ner-conll2003", *args],
         env=run_env,
         cwd=ROOT,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=900,
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    assert f"{storage}/two-nodes" in done.stderr
 
-    def read(key: str) -> bytes:
-        return client.get_object(Bucket=BUCKET, Key=f"runs/two-nodes/{key}")["Body"].read()
 
-    results = json.loads(read("results.json"))
-    assert results["world_size"] == 2 and results["steps"] == 12 and "f1" in results["test"]
-    steps = [json.loads(line)["step"] for line in read("metrics.jsonl").decode().splitlines()]
-    assert set(range(1, 13)) <= set(steps)
-    keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="runs/two-nodes/")["Contents"]]
-    assert any(k.endswith("export/model.safetensors") for k in keys), keys
-    assert any("/step-0000006/" in k for k in keys), keys  # checkpoints persisted by Ray
+def _losses(metrics: bytes) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in metrics.decode().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if r["event"] == "train"]
+
+
+def test_two_nodes_without_a_shared_disk_write_to_the_bucket_and_survive_a_lost_node(
+    two_node_cluster, s3_server, tiny_bert, tiny_conll, tmp_path
+):
+    cluster, scratch, nodes = two_node_cluster
+    env, client = s3_server
+
+    def read(run: str, key: str) -> bytes:
+        return client.get_object(Bucket=BUCKET, Key=f"runs/{run}/{key}")["Body"].read()
+
+    def keys(run: str) -> list[str]:
+        listing = client.list_objects_v2(Bucket=BUCKET, Prefix=f"runs/{run}/")
+        return [o["Key"] for o in listing.get("Contents", [])]
+
+    # 1. an uninterrupted run: everything a user keeps is in the bucket
+    job = _job(cluster, env, tiny_bert, tiny_conll, tmp_path, "straight")
+    out, _ = job.communicate(timeout=900)
+    assert job.returncode == 0, out[-5000:]
+    assert f"s3://{BUCKET}/runs/straight" in out
+    results = json.loads(read("straight", "results.json"))
+    assert results["world_size"] == 2 and results["steps"] == 30 and "f1" in results["test"]
+    straight = dict(_losses(read("straight", "metrics.jsonl")))
+    assert sorted(straight) == list(range(1, 31))
+    assert any(k.endswith("export/model.safetensors") for k in keys("straight"))
+    assert any("/step-0000030/run_state.json" in k for k in keys("straight"))  # checkpoints, by Ray
 
     export = tmp_path / "export-from-s3"
     export.mkdir()
-    for key in keys:
+    for key in keys("straight"):
         if "/export/" in key and not key.endswith("/"):  # "dir/" keys are directory markers
-            (export / key.rsplit("/", 1)[1]).write_bytes(read(key.split("two-nodes/", 1)[1]))
+            (export / key.rsplit("/", 1)[1]).write_bytes(read("straight", key.split("straight/", 1)[1]))
     from transformers import AutoModelForTokenClassification
 
     model = AutoModelForTokenClassification.from_pretrained(export)
-    assert model.config.num_labels == len(json.loads(read("labels.json")))
+    assert model.config.num_labels == len(json.loads(read("straight", "labels.json")))
     for directory in scratch.values():  # each node's scratch run directory was used, then removed
         assert (directory / "dft-runs").is_dir(), sorted(p.name for p in directory.iterdir())
         assert not list((directory / "dft-runs").iterdir())
-    # the driver's copy came from the bucket
-    assert json.loads((tmp_path / "driver-copy" / "results.json").read_text()) == results
+    assert json.loads((tmp_path / "straight" / "results.json").read_text()) == results  # the driver's copy
+
+    # 2. the same job loses a node after its step-10 checkpoint; a new node joins; the run resumes
+    job = _job(cluster, env, tiny_bert, tiny_conll, tmp_path, "lost-node", "run.max_failures=3")
+    deadline = time.time() + 300
+    wanted = ("step-0000010/rng-rank0.pt", "step-0000010/rng-rank1.pt", "/metrics.jsonl")
+    while not all(any(k.endswith(w) for k in keys("lost-node")) for w in wanted):
+        assert job.poll() is None and time.time() < deadline, "no checkpoint before the job ended"
+        time.sleep(0.2)
+    time.sleep(2.0)  # both ranks' shards are in; Ray registers the checkpoint, training goes on
+    cluster.remove_node(nodes["b"], allow_graceful=False)
+    _worker_node(cluster, tmp_path / "scratch-c")
+    out, _ = job.communicate(timeout=900)
+    assert job.returncode == 0, out[-5000:]
+    history = _losses(read("lost-node", "metrics.jsonl"))
+    steps = [s for s, _ in history]
+    restart = next((i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]), None)
+    assert restart is not None, f"the run never restarted: {steps}"
+    resumed_from = steps[restart] - 1
+    assert resumed_from in (10, 20), steps  # a checkpoint step: nothing before it is retrained
+    assert steps[restart:] == list(range(resumed_from + 1, 31))
+    assert [loss for _, loss in history[restart:]] == [straight[s] for s in steps[restart:]]
+    assert json.loads(read("lost-node", "results.json"))["steps"] == 30

@@ -307,3 +307,45 @@ def test_rng_state_round_trips_through_the_safe_format(tmp_path):
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     manager.load(Engine(), saved)
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+
+
+class _Rank:
+    """A context of one rank in a 2-rank job whose broadcast hands out rank 0's value."""
+
+    checkpoints_are_durable = True
+
+    def __init__(self, rank: int, from_rank0: list) -> None:
+        self.rank, self._box = rank, from_rank0
+
+    def resume_checkpoint(self):
+        return None
+
+    def broadcast_object(self, obj):
+        if self.rank == 0:
+            self._box[:] = [obj]
+        return self._box[0]
+
+
+def test_rank_zero_chooses_the_resume_checkpoint_and_every_rank_must_hold_it(tmp_path):
+    from distributed_ft.train.checkpoint import CheckpointManager, RunState, agree_on_resume
+
+    class Engine:
+        def save(self, directory: Path) -> None:
+            (directory / "engine.json").write_text("{}")
+
+    disks = {r: CheckpointManager(tmp_path / f"node{r}" / "checkpoints", LocalContext()) for r in (0, 1)}
+    for step in (10, 20):
+        disks[0].save(Engine(), RunState(step=step))
+    disks[1].save(Engine(), RunState(step=10))  # this node's disk missed step 20
+    box: list = []
+    assert agree_on_resume(_Rank(0, box), disks[0], "auto").name == "step-0000020"
+    with pytest.raises(
+        CheckpointError, match=r"rank 0 resumes from step-0000020 but rank 1 holds step-0000010"
+    ):
+        agree_on_resume(_Rank(1, box), disks[1], "auto")
+    fresh: list = []
+    assert agree_on_resume(_Rank(0, fresh), disks[0], "never") is None
+    assert agree_on_resume(_Rank(1, fresh), disks[1], "auto") is None  # rank 0 starts fresh: all do
+    scratch = _Rank(0, [])
+    scratch.checkpoints_are_durable = False  # Ray: scratch run directories are never resumed from
+    assert agree_on_resume(scratch, disks[0], "auto") is None
