@@ -1,7 +1,11 @@
-"""Shared fixtures: a tiny BERT, a tiny Llama and a tiny CoNLL corpus, built by ``distributed_ft.testing``."""
+"""Shared fixtures: tiny BERT / Llama / CoNLL (``distributed_ft.testing``) and a local S3 server (moto)."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,3 +52,56 @@ def tiny_job(tiny_bert, tiny_conll, tmp_path) -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+S3_BUCKET = "dft-test"
+"""The bucket the ``s3_server`` fixture creates."""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def s3_server(tmp_path):
+    """moto's S3 server on a free local port, stopped by its PID.
+
+    Yields ``(AWS environment that reaches it, a boto3 client, the bucket it created)``.
+    """
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.time() < deadline, "moto_server did not start"
+                time.sleep(0.2)
+        import boto3
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=env["AWS_ENDPOINT_URL"],
+            region_name="us-east-1",
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+        )
+        client.create_bucket(Bucket=S3_BUCKET)
+        yield env, client, S3_BUCKET
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -158,11 +158,13 @@ def test_local_and_ray_runs_agree(ray_runs):
 
 
 @pytest.fixture
-def ray_head():
+def ray_head(s3_server):
+    """``ray start --head --num-cpus=0`` (no training on the head) plus a second 2-CPU node, S3 on moto."""
+    aws, _, bucket = s3_server
     ray = Path(sys.executable).with_name("ray")
     short = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's unix sockets need a short path
     # the head (and so every job's `python`) runs in this virtualenv, as on a provisioned cluster node
-    env = {**ENV, "RAY_TMPDIR": short, "PATH": f"{ray.parent}:{ENV['PATH']}"}
+    env = {**ENV, **aws, "RAY_TMPDIR": short, "PATH": f"{ray.parent}:{ENV['PATH']}"}
     start = [
         str(ray),
         "start",
@@ -170,15 +172,18 @@ def ray_head():
         "--node-ip-address=127.0.0.1",
         "--port=6390",
         "--dashboard-host=127.0.0.1",
-        "--num-cpus=2",
+        "--num-cpus=0",
         "--disable-usage-stats",
         "--include-dashboard=true",
+        f"--temp-dir={short}",
     ]
-    subprocess.run([*start, f"--temp-dir={short}"], env=env, check=True, capture_output=True, timeout=180)
+    worker = [str(ray), "start", "--address=127.0.0.1:6390", "--num-cpus=2", "--disable-usage-stats"]
     try:
-        yield {**env, "RAY_ADDRESS": "http://127.0.0.1:8265"}
+        subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
+        subprocess.run(worker, env=env, check=True, capture_output=True, timeout=180)
+        yield {**env, "RAY_ADDRESS": "http://127.0.0.1:8265"}, bucket
     finally:
-        _stop_processes_of(short)  # this head only: `ray stop` would end every Ray on the machine
+        _stop_processes_of(short)  # this cluster only: `ray stop` would end every Ray on the machine
         shutil.rmtree(short, ignore_errors=True)
 
 
@@ -199,13 +204,25 @@ def _stop_processes_of(temp_dir: str) -> None:
 
 
 def test_ray_job_submit_launcher(ray_head, tiny_bert, tiny_conll, tmp_path):
+    """``launchers/ray_submit.sh`` against a head without CPUs and a worker node; outputs in S3."""
+    env, bucket = ray_head
     overrides = [
         a for a in _job(tiny_bert, tiny_conll, tmp_path, "submitted") if not a.startswith("train.max_steps")
     ]
     overrides += ["train.max_steps=6", "run.engine=torch"]
+    without_storage = subprocess.run(  # two nodes, no run.storage_path: refused at start, with the fix
+        [str(ROOT / "launchers" / "ray_submit.sh"), "ner-conll2003", *overrides],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert without_storage.returncode != 0
+    assert "run.storage_path is not set" in without_storage.stdout + without_storage.stderr
+    overrides += [f"run.storage_path=s3://{bucket}/submitted"]
     result = subprocess.run(
         [str(ROOT / "launchers" / "ray_submit.sh"), "ner-conll2003", *overrides],
-        env=ray_head,
+        env=env,
         capture_output=True,
         text=True,
         timeout=600,
@@ -220,7 +237,7 @@ def test_ray_job_submit_launcher(ray_head, tiny_bert, tiny_conll, tmp_path):
             *overrides,
             "data.train=/nope/train.conll",
         ],
-        env=ray_head,
+        env=env,
         capture_output=True,
         text=True,
         timeout=600,

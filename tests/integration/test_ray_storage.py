@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,53 +23,6 @@ import pytest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
-BUCKET = "dft-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def s3_server(tmp_path):
-    """moto's S3 server on a free local port; yields the AWS environment that reaches it."""
-    port = _free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.time() < deadline, "moto_server did not start"
-                time.sleep(0.2)
-        import boto3
-
-        client = boto3.client(
-            "s3",
-            endpoint_url=env["AWS_ENDPOINT_URL"],
-            region_name="us-east-1",
-            aws_access_key_id="test",
-            aws_secret_access_key="test",
-        )
-        client.create_bucket(Bucket=BUCKET)
-        yield env, client
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 @pytest.fixture
@@ -78,7 +30,7 @@ def two_node_cluster(tmp_path, s3_server):
     """A head without CPUs and two 2-CPU worker nodes with private scratch (TMPDIR); shut down after."""
     from ray.cluster_utils import Cluster
 
-    env, _ = s3_server
+    env, _, _ = s3_server
     previous = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the raylets (and so the workers) inherit the S3 endpoint
     scratch = {name: tmp_path / f"scratch-{name}" for name in ("a", "b")}
@@ -102,7 +54,7 @@ def _worker_node(cluster, scratch: Path):
     return cluster.add_node(num_cpus=2, resources={"worker_slot": 1}, env_vars={"TMPDIR": str(scratch)})
 
 
-def _job(cluster, env, tiny_bert, tiny_conll, tmp_path, name: str, *extra: str) -> subprocess.Popen:
+def _job(cluster, env, bucket, tiny_bert, tiny_conll, tmp_path, name: str, *extra: str) -> subprocess.Popen:
     args = [
         f"model.name={tiny_bert}",
         *[f"data.{split}={path}" for split, path in tiny_conll.items()],
@@ -112,7 +64,7 @@ def _job(cluster, env, tiny_bert, tiny_conll, tmp_path, name: str, *extra: str) 
         "run.backend=ray",
         "run.num_workers=2",
         "run.resources_per_worker={CPU: 1, worker_slot: 1}",
-        f"run.storage_path=s3://{BUCKET}/runs",
+        f"run.storage_path=s3://{bucket}/runs",
         f"run.ray_run_name={name}",
         "run.progress=false",
         "train.batch_size=4",
@@ -149,20 +101,20 @@ def test_two_nodes_without_a_shared_disk_write_to_the_bucket_and_survive_a_lost_
     two_node_cluster, s3_server, tiny_bert, tiny_conll, tmp_path
 ):
     cluster, scratch, nodes = two_node_cluster
-    env, client = s3_server
+    env, client, bucket = s3_server
 
     def read(run: str, key: str) -> bytes:
-        return client.get_object(Bucket=BUCKET, Key=f"runs/{run}/{key}")["Body"].read()
+        return client.get_object(Bucket=bucket, Key=f"runs/{run}/{key}")["Body"].read()
 
     def keys(run: str) -> list[str]:
-        listing = client.list_objects_v2(Bucket=BUCKET, Prefix=f"runs/{run}/")
+        listing = client.list_objects_v2(Bucket=bucket, Prefix=f"runs/{run}/")
         return [o["Key"] for o in listing.get("Contents", [])]
 
     # 1. an uninterrupted run: everything a user keeps is in the bucket
-    job = _job(cluster, env, tiny_bert, tiny_conll, tmp_path, "straight")
+    job = _job(cluster, env, bucket, tiny_bert, tiny_conll, tmp_path, "straight")
     out, _ = job.communicate(timeout=900)
     assert job.returncode == 0, out[-5000:]
-    assert f"s3://{BUCKET}/runs/straight" in out
+    assert f"s3://{bucket}/runs/straight" in out
     results = json.loads(read("straight", "results.json"))
     assert results["world_size"] == 2 and results["steps"] == 30 and "f1" in results["test"]
     straight = dict(_losses(read("straight", "metrics.jsonl")))
@@ -185,7 +137,7 @@ def test_two_nodes_without_a_shared_disk_write_to_the_bucket_and_survive_a_lost_
     assert json.loads((tmp_path / "straight" / "results.json").read_text()) == results  # the driver's copy
 
     # 2. the same job loses a node after its step-10 checkpoint; a new node joins; the run resumes
-    job = _job(cluster, env, tiny_bert, tiny_conll, tmp_path, "lost-node", "run.max_failures=3")
+    job = _job(cluster, env, bucket, tiny_bert, tiny_conll, tmp_path, "lost-node", "run.max_failures=3")
     deadline = time.time() + 300
     wanted = ("step-0000010/rng-rank0.pt", "step-0000010/rng-rank1.pt", "/metrics.jsonl")
     while not all(any(k.endswith(w) for k in keys("lost-node")) for w in wanted):
