@@ -155,7 +155,9 @@ def train_worker(payload: dict[str, Any]) -> None:
     splits = {
         name: RaySplit(name, stats, prepared["blocks"][name]) for name, stats in prepared["stats"].items()
     }
-    data = PreparedDataset(Path(prepared["directory"]), splits, prepared["labels"], reused=True)
+    data = PreparedDataset(
+        Path(prepared["directory"]), splits, prepared["labels"], reused=True, meta=prepared["meta"]
+    )
     if context.is_main:
         continue_metrics(payload["outputs"], scratch)
     train(config, context, payload["name"], data=data)
@@ -249,6 +251,7 @@ def train_on_ray(config: JobConfig, name: str) -> tuple[dict[str, Any], str]:
             "prepared": {
                 "directory": str(prepared.directory),
                 "labels": prepared.labels,
+                "meta": prepared.meta,  # task assets (class weights, ...): the workers never prepare
                 "stats": {n: s.stats for n, s in prepared.splits.items()},
                 "blocks": blocks,
             },

@@ -26,6 +26,14 @@ class Task(Protocol):
         """Read, validate, encode and cache ``{split: path}``; ``labels`` fixed when given."""
         ...
 
+    def restore_assets(self, meta: dict[str, Any]) -> None:
+        """Take back what ``prepare_data`` learned and kept in the manifest (``PreparedDataset.meta``).
+
+        Every consumer of prepared data calls it (Ray workers and later readers never run
+        ``prepare_data``), so the task behaves the same wherever the data was prepared.
+        """
+        ...
+
     def build_model(self, labels: list[str] | None) -> nn.Module: ...
 
     def collate(self, rows: list[dict[str, Any]], with_meta: bool = False) -> Batch:

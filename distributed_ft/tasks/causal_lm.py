@@ -301,6 +301,10 @@ class CausalLMTask:
         return batch
 
     # ----------------------------------------------------------------- model
+    def restore_assets(self, meta: dict[str, Any]) -> None:
+        """Nothing to restore: the labels travel with the prepared data."""
+        del meta
+
     def build_model(self, labels: list[str] | None) -> nn.Module:
         """The decoder with its LM head; with packing, the isolation hook is installed and checked."""
         if (

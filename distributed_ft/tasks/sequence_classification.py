@@ -286,6 +286,12 @@ class SequenceClassificationTask:
             self.prepare_tokenizer(load_tokenizer(self.config.model.name, self.config.model.revision))
         return len(self.tokenizer)
 
+    def restore_assets(self, meta: dict[str, Any]) -> None:
+        """The ``balanced`` class weights computed from the training split when the data was prepared."""
+        weights = meta.get("class_weights")
+        if weights is not None and self.config.data.class_weights != "none":
+            self.class_weights = torch.tensor(weights, dtype=torch.float32)
+
     def build_model(self, labels: list[str] | None) -> nn.Module:
         self.labels = list(labels or self.labels)
         problem = "multi_label_classification" if self.multi_label else "single_label_classification"

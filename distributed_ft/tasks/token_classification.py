@@ -199,6 +199,10 @@ class TokenClassificationTask:
         return batch
 
     # ----------------------------------------------------------------- model
+    def restore_assets(self, meta: dict[str, Any]) -> None:
+        """Nothing to restore: the labels travel with the prepared data."""
+        del meta
+
     def build_model(self, labels: list[str] | None) -> nn.Module:
         return build_model(self.name, self.config.model, labels)
 

@@ -96,6 +96,7 @@ def build_job(
         prepare_tokenizer(tokenizer)
     if data is None:
         data = prepare_data_once(task, tokenizer, data_splits(config), None, context)
+    task.restore_assets(data.meta)  # e.g. class weights, also where the data was prepared elsewhere
     if context.is_main and data.labels is not None:
         (run_dir / "labels.json").write_text(json.dumps(data.labels))
     return Job(config, run_dir, tokenizer, task, data)

@@ -45,8 +45,12 @@ def _job(tiny_bert, tiny_conll, tmp: Path, run: str) -> list[str]:
 
 
 def _dft(*args: str, env=None) -> subprocess.Popen:
+    return _dft_task("ner-conll2003", *args, env=env)
+
+
+def _dft_task(recipe: str, *args: str, env=None) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "distributed_ft", "-q", "train", "ner-conll2003", *args],
+        [sys.executable, "-m", "distributed_ft", "-q", "train", recipe, *args],
         env=env or ENV,
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -244,3 +248,61 @@ def test_ray_job_submit_launcher(ray_head, tiny_bert, tiny_conll, tmp_path):
     )
     assert failing.returncode != 0
     shutil.rmtree(tmp_path / "submitted", ignore_errors=True)
+
+
+def _imbalanced_csv(path: Path, rows: int, seed: int) -> Path:
+    """Sentences whose label is the kind of entity word in them; PER is rare (balanced weights matter)."""
+    import random
+
+    from distributed_ft.testing import ENTITY_WORDS, FILLER
+
+    rng = random.Random(seed)
+    lines = ["text,label"]
+    for _ in range(rows):
+        label = rng.choices(["LOC", "ORG", "PER"], weights=[6, 3, 1])[0]
+        words = [rng.choice(FILLER) for _ in range(rng.randint(2, 6))] + [rng.choice(ENTITY_WORDS[label])]
+        rng.shuffle(words)
+        lines.append(f"{' '.join(words)},{label}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_balanced_class_weights_train_the_same_on_ray_workers_as_locally(tiny_bert, tmp_path):
+    """Ray workers never run prepare_data: the weights reach them as task assets of the manifest."""
+    common = [
+        f"model.name={tiny_bert}",
+        f"data.train={_imbalanced_csv(tmp_path / 'train.csv', 96, 1)}",
+        "data.validation=null",
+        "data.test=null",
+        "data.text_column=text",
+        "data.label_column=label",
+        "data.class_weights=balanced",
+        "data.max_train_samples=null",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "run.num_workers=2",
+        "run.progress=false",
+        "train.batch_size=8",
+        "train.max_steps=2",
+        "train.log_every=1",
+    ]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    launch = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "distributed_ft", "-q", "train"]
+    local = subprocess.run(
+        [*launch, "text-classification", *common, f"run.output_dir={tmp_path / 'local'}"],
+        env={**ENV, "OMP_NUM_THREADS": "1"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert local.returncode == 0, local.stdout[-2000:] + local.stderr[-3000:]
+    on_ray = _dft_task(
+        "text-classification", *common, f"run.output_dir={tmp_path / 'ray'}", "run.backend=ray"
+    )
+    out, _ = on_ray.communicate(timeout=600)
+    assert on_ray.returncode == 0, out[-3000:]
+    first_local, first_ray = _train_losses(tmp_path / "local")[0], _train_losses(tmp_path / "ray")[0]
+    assert first_ray == pytest.approx(first_local, rel=1e-6)
+    manifest = next((tmp_path / "cache").glob("*/manifest.json"))
+    weights = json.loads(manifest.read_text())["meta"]["class_weights"]
+    assert max(weights) > 2 * min(weights)  # the weights are far from uniform: a dropped weight would show
