@@ -7,12 +7,14 @@ re-prepares. Shards are written into a temporary directory that is renamed into 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from glob import glob
@@ -171,12 +173,30 @@ def prepare(
             manifest["splits"][split] = {"shards": shards, "stats": stats.__dict__}
         manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if target.exists():  # an incomplete leftover from a killed run
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        _publish(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     prepared = load_manifest(target)
     assert prepared is not None
     prepared.reused = False
     return prepared
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Move a complete ``staging`` directory to ``target`` without ever deleting a complete cache.
+
+    Another process may have prepared the same key meanwhile: its complete cache is kept (ours is
+    dropped). An incomplete leftover of a killed run is first renamed aside (atomic), then removed.
+    """
+    if load_manifest(target) is not None:
+        return
+    if target.exists():
+        aside = target.with_name(f".{target.name}-stale-{uuid.uuid4().hex[:8]}")
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(target, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+    try:
+        os.replace(staging, target)
+    except OSError:  # someone published between our check and the rename: theirs is complete
+        if load_manifest(target) is None:
+            raise

@@ -246,3 +246,43 @@ def test_prefetching_reraises_a_collate_error_in_the_consumer():
     source = ArrowBatchSource(_lengths_table(40), broken, 8, shuffle=False, prefetch=2)
     with pytest.raises(ValueError, match="bad row"):
         list(source)
+
+
+def test_two_preparers_of_the_same_data_both_succeed_and_a_complete_cache_survives(tmp_path):
+    """B misses the cache, A publishes while B still encodes, then B finishes: A's cache is untouched."""
+    import threading
+
+    from distributed_ft.data.prepare import SplitStats, load_manifest, prepare
+
+    b_encoding, a_published = threading.Event(), threading.Event()
+
+    def encoder(name: str):
+        def encode():
+            if name == "a":
+                assert b_encoding.wait(timeout=30)
+            else:
+                b_encoding.set()
+                assert a_published.wait(timeout=30)
+            table = pa.table({"example_id": np.arange(10), "length": np.full(10, 5, dtype=np.int32)})
+            return table, SplitStats(examples=10, tokens=50)
+
+        return encode
+
+    results, errors = {}, []
+
+    def run(name: str) -> None:
+        try:
+            results[name] = prepare(tmp_path, "key", [("train", encoder(name))], labels=["O"], shard_rows=4)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    b = threading.Thread(target=run, args=("b",))
+    b.start()
+    run("a")
+    survivor = load_manifest(tmp_path / "key")
+    first = [p.stat().st_ino for p in survivor.splits["train"].shards]
+    a_published.set()
+    b.join(timeout=60)
+    assert not errors and set(results) == {"a", "b"}
+    assert [p.stat().st_ino for p in load_manifest(tmp_path / "key").splits["train"].shards] == first
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
