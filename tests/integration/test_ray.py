@@ -102,18 +102,15 @@ def ray_runs(tiny_bert, tiny_conll, tmp_path_factory):
 
 
 def _kill_a_worker_after_first_checkpoint(run_dir: Path, job: subprocess.Popen) -> int:
-    """Wait until step 10's checkpoint is in Ray's storage, then SIGKILL one Ray Train worker of ``job``.
-
-    Workers train in node-local scratch; rank 0 persists ``metrics.jsonl`` to storage with each checkpoint.
-    """
-    persisted = run_dir / "ray" / run_dir.name
+    """Wait until Ray has committed step 10's checkpoint, then SIGKILL one Ray Train worker of ``job``."""
+    # Ray's controller records the checkpoints it committed (every rank's shards in) in this snapshot
+    snapshot = run_dir / "ray" / run_dir.name / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 300
     while time.time() < deadline:
         assert job.poll() is None, "the job ended before a worker could be killed"
-        if list(persisted.glob("step-*/run_state.json")) and (persisted / "metrics.jsonl").is_file():
+        if snapshot.is_file() and "step-0000010" in snapshot.read_text():
             break
         time.sleep(0.05)
-    time.sleep(1.0)  # training goes on past the checkpoint
     # only this job's workers: the job's local Ray (raylet and workers) descends from the dft process
     family = psutil.Process(job.pid).children(recursive=True)
     workers = [p for p in family if "RayTrainWorker" in " ".join(p.cmdline())]
