@@ -23,6 +23,9 @@ from typing import Any
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration" / "scripts"))
+import mp_helpers
+
 pytestmark = pytest.mark.gpu
 
 REPO = Path(__file__).resolve().parents[2]
@@ -98,21 +101,7 @@ def results(run_dir: Path) -> dict[str, Any]:
 
 def ner_job(bert: Path, conll: dict[str, Path], root: Path, *extra: str) -> list[str]:
     """Overrides for a short NER job on the tiny BERT and corpus (30 steps, 2 epochs, evaluated each)."""
-    return [
-        "ner-conll2003",
-        f"model.name={bert}",
-        *[f"data.{split}={path}" for split, path in conll.items()],
-        f"data.cache_dir={root / 'cache'}",
-        "data.max_train_samples=null",
-        "data.max_eval_samples=null",
-        "data.max_length=64",
-        f"run.output_dir={root / 'run'}",
-        "train.batch_size=16",
-        "train.lr=3e-3",
-        "train.log_every=1",
-        "train.max_steps=30",
-        *extra,
-    ]
+    return mp_helpers.job_overrides(bert, conll, root, "train.max_steps=30", *extra)
 
 
 def assert_ner_run(done: subprocess.CompletedProcess, run_dir: Path, world_size: int = 1) -> dict[str, Any]:

@@ -135,6 +135,17 @@ def test_two_nodes_without_a_shared_disk_write_to_the_bucket_and_survive_a_lost_
         assert (directory / "dft-runs").is_dir(), sorted(p.name for p in directory.iterdir())
         assert not list((directory / "dft-runs").iterdir())
     assert json.loads((tmp_path / "straight" / "results.json").read_text()) == results  # the driver's copy
+    evaluated = subprocess.run(  # dft evaluate reads the run straight from the bucket
+        [sys.executable, "-m", "distributed_ft", "-q", "evaluate", f"s3://{bucket}/runs/straight", "--json"],
+        env={**os.environ, **env, "XDG_CACHE_HOME": str(tmp_path / "xdg")},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    metrics = json.loads(evaluated.stdout[evaluated.stdout.index("{") :])
+    assert metrics["f1"] == pytest.approx(results["test"]["f1"], abs=1e-9)
 
     # 2. the same job loses a node after its step-10 checkpoint; a new node joins; the run resumes
     job = _job(cluster, env, bucket, tiny_bert, tiny_conll, tmp_path, "lost-node", "run.max_failures=3")
