@@ -257,6 +257,7 @@ def finish(
         (job.run_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
     metrics_log.close()
     context.persist(job.run_dir, final=True)
+    context.barrier()  # no rank tears its process group down while rank 0 still writes the outputs
     context.report({"step": state.step, "done": True})
     return results
 
