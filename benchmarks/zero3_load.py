@@ -161,6 +161,7 @@ def worker(argv: list[str]) -> int:
         record["trainable_parameters"] = sum(1 for p in engine.module.parameters() if p.requires_grad)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank-{context.rank}.json").write_text(json.dumps(record, indent=2))
+    context.barrier()  # leave together: a rank tearing gloo down while a peer still works can abort
     return 0
 
 
