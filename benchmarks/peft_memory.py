@@ -21,7 +21,6 @@ import argparse
 import importlib.metadata
 import json
 import os
-import resource
 import socket
 import statistics
 import subprocess
@@ -34,11 +33,6 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 NER_LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
 CASES = [("none", 2), ("lora", 2), ("none", 3), ("lora", 3)]
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _held_bytes(params: list[Any]) -> tuple[int, int]:
@@ -63,6 +57,7 @@ def worker(args: argparse.Namespace) -> None:
     from distributed_ft.config.load import validate
     from distributed_ft.engine import build_engine
     from distributed_ft.modeling.peft import apply_peft, parameter_report
+    from distributed_ft.planning.validate import peak_rss_bytes, rss_bytes
     from distributed_ft.runtime.context import create_context
     from distributed_ft.tasks import get_task
 
@@ -111,8 +106,8 @@ def worker(args: argparse.Namespace) -> None:
         "frozen_param_bytes_full": frozen_full,
         "trainable_param_bytes_held": trained_held,
         "trainable_param_bytes_full": trained_full,
-        "rss_bytes_after_steps": _rss_bytes(),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_bytes_after_steps": rss_bytes(),
+        "peak_rss_bytes": peak_rss_bytes(),
         "step_seconds_p50": statistics.median(times[1:] or times),
         "losses": losses,
     }

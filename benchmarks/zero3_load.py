@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,15 +29,6 @@ VARIANTS = ("partitioned", "unpartitioned")
 
 
 # --------------------------------------------------------------------------- worker (one rank)
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * resource.getpagesize()
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def anon_bytes() -> int:
     """Anonymous resident memory (``RssAnon``): what this rank holds itself, page cache excluded."""
     with open("/proc/self/status") as handle:
@@ -113,6 +103,7 @@ def worker(argv: list[str]) -> int:
     from distributed_ft.engine import build_engine
     from distributed_ft.modeling.build import build_model, model_hidden_size
     from distributed_ft.modeling.peft import apply_peft
+    from distributed_ft.planning.validate import peak_rss_bytes, rss_bytes
     from distributed_ft.runtime.context import create_context
 
     context = create_context(use_gpu=False)
@@ -161,7 +152,6 @@ def worker(argv: list[str]) -> int:
         record["trainable_parameters"] = sum(1 for p in engine.module.parameters() if p.requires_grad)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank-{context.rank}.json").write_text(json.dumps(record, indent=2))
-    context.barrier()  # leave together: a rank tearing gloo down while a peer still works can abort
     return 0
 
 

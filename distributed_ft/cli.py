@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.max_length=512")
 
     export = commands.add_parser("export", help="write a save_pretrained model from a run's checkpoint")
-    export.add_argument("path", help="run directory")
+    export.add_argument("path", help="run directory, or its storage URI (s3://...)")
     export.add_argument("--out", required=True, help="output directory")
     export.add_argument("--checkpoint", default="best", help="best (default), latest, or a checkpoint path")
     export.add_argument("--merge-lora", action="store_true", help="merge LoRA adapters into the weights")
@@ -207,9 +207,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """``dft export``: export a checkpoint as a ``save_pretrained`` directory."""
-    from distributed_ft.train.export import export_run, run_config
+    from distributed_ft.train.export import export_run, local_run, run_config
 
-    context, setup_logging = _inference_context(run_config(args.path))
+    # a storage URI is downloaded once (cached): export_run reads the same local copy
+    context, setup_logging = _inference_context(run_config(local_run(args.path)))
     setup_logging(context, args.verbose)
     out = export_run(args.path, args.out, args.checkpoint, context, merge_lora=args.merge_lora)
     log.info("exported %s", out)

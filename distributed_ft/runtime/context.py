@@ -13,6 +13,7 @@ collectives (on the GPU) both have a backend.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 from collections.abc import Mapping
 from datetime import timedelta
@@ -28,6 +29,8 @@ from distributed_ft.runtime import signals
 UseGpu = bool | Literal["auto"]
 GPU_BACKEND = "cpu:gloo,cuda:nccl"
 """Process-group backend on GPUs: NCCL for tensors on CUDA, gloo for object collectives (CPU pickles)."""
+EXIT_BARRIER_TIMEOUT = timedelta(seconds=30)
+"""How long a rank leaving the job waits for its peers before it destroys its process groups anyway."""
 
 
 @runtime_checkable
@@ -242,7 +245,9 @@ class TorchrunContext(ProcessGroupContext):
             torch.cuda.set_device(device)
         if world_size > 1 and not dist.is_initialized():
             dist.init_process_group(process_group_backend(device), timeout=timedelta(minutes=30))
-            atexit.register(_destroy_process_group)  # tear down before the interpreter does (gloo aborts)
+            # the group the ranks leave through, made now while every rank is alive to join it
+            exit_group = dist.new_group(backend="gloo", timeout=EXIT_BARRIER_TIMEOUT)
+            atexit.register(_destroy_process_group, exit_group)  # before the interpreter tears down
         super().__init__(rank, world_size, local_rank, device)
         self._check_world_agrees()
 
@@ -261,9 +266,20 @@ def process_group_backend(device: torch.device) -> str:
     return GPU_BACKEND if device.type == "cuda" else "gloo"
 
 
-def _destroy_process_group() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def _destroy_process_group(exit_group: dist.ProcessGroup) -> None:
+    """At exit: wait for the peers (``EXIT_BARRIER_TIMEOUT`` at most), then destroy the process groups.
+
+    A rank that destroys its gloo group while a peer still works aborts now and then (SIGABRT, "terminate
+    called without an active exception"), so the ranks leave together, through a barrier on ``exit_group``:
+    a gloo group whose timeout is ``EXIT_BARRIER_TIMEOUT``, so the wait is bounded on every rank (the
+    timeout of ``monitored_barrier`` bounds rank 0 only). On an error path peers may be gone or stuck in
+    a collective: a failed or timed-out wait is ignored.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    with contextlib.suppress(Exception):  # peers gone, stuck or slow: leave anyway (never raise at exit)
+        dist.barrier(group=exit_group)
+    dist.destroy_process_group()
 
 
 LAUNCH_HINT = (

@@ -98,14 +98,22 @@ def persist_run(run_dir: Path, location: str, final: bool) -> None:
         upload(run_dir / "export", join(location, "export"))
 
 
+def download_parts(location: str, target: Path, names: tuple[str, ...]) -> Path:
+    """Download the entries ``names`` of the directory at ``location`` into ``target``; returns ``target``.
+
+    Entries that do not exist are skipped (e.g. no ``labels.json`` for causal LM).
+    """
+    for name in names:
+        try:
+            download(join(location, name), target / name)
+        except ConfigError:
+            continue
+    return target
+
+
 def fetch_run(location: str, run_dir: Path) -> Path:
     """Download a persisted run's files and ``export/`` (not its checkpoints) into ``run_dir``."""
-    for name in (*RUN_FILES, "export"):
-        try:
-            download(join(location, name), run_dir / name)
-        except ConfigError:  # e.g. no labels.json for causal LM
-            continue
-    return run_dir
+    return download_parts(location, run_dir, (*RUN_FILES, "export"))
 
 
 def local_copy(location: str, parts: tuple[str, ...] = (), cache_root: Path | None = None) -> Path:
@@ -119,13 +127,10 @@ def local_copy(location: str, parts: tuple[str, ...] = (), cache_root: Path | No
     target = root / "storage" / key
     if not (target / ".complete").is_file():
         shutil.rmtree(target, ignore_errors=True)
-        if not parts:
+        if parts:
+            download_parts(location, target, parts)
+        else:
             download(location, target)
-        for part in parts:
-            try:
-                download(join(location, part), target / part)
-            except ConfigError:  # not part of this kind of directory
-                continue
         target.mkdir(parents=True, exist_ok=True)
         (target / ".complete").write_text(location)
     return target

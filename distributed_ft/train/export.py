@@ -12,12 +12,39 @@ from distributed_ft.engine import build_engine
 from distributed_ft.errors import CheckpointError, ConfigError
 from distributed_ft.modeling.build import load_tokenizer, load_trained, model_hidden_size
 from distributed_ft.modeling.peft import MERGEABLE, apply_peft, merge_adapter, write_export_extras
+from distributed_ft.runtime import storage
 from distributed_ft.runtime.context import RuntimeContext
 from distributed_ft.tasks import get_task
-from distributed_ft.train.checkpoint import CheckpointManager
+from distributed_ft.train.checkpoint import PREFIX, CheckpointManager
+
+RUN_PARTS = ("config.yaml", "labels.json", "export", "checkpoints")
+"""What an export reads from a run directory on storage."""
 
 
-def run_config(run_dir: str) -> JobConfig:
+def local_run(location: str | Path) -> Path:
+    """``location`` as a local run directory: a storage URI (``s3://...``) is downloaded once.
+
+    A run directory copied to storage holds ``checkpoints/``; a Ray run keeps its checkpoints at the top
+    of ``STORAGE/<run>`` (next to ``config.yaml``), so without ``checkpoints/`` all of it is copied.
+
+    Raises:
+        ConfigError: ``location`` is a URI without ``config.yaml`` (not a run), or cannot be read.
+    """
+    if not storage.is_uri(location):
+        return Path(location)
+    copy = storage.local_copy(str(location), parts=RUN_PARTS)
+    if not (copy / "config.yaml").is_file():
+        raise ConfigError(f"{str(location)!r} is not a run directory (no config.yaml)")
+    return copy if (copy / "checkpoints").is_dir() else storage.local_copy(str(location))
+
+
+def checkpoints_dir(root: Path) -> Path:
+    """Where the checkpoints of run directory ``root`` are: ``checkpoints/``, or ``root`` (Ray's layout)."""
+    nested = root / "checkpoints"
+    return root if not nested.is_dir() and any(root.glob(f"{PREFIX}*")) else nested
+
+
+def run_config(run_dir: str | Path) -> JobConfig:
     """The resolved config a run directory was trained with.
 
     Raises:
@@ -29,25 +56,28 @@ def run_config(run_dir: str) -> JobConfig:
     return load_config(str(path))[0]
 
 
-def export_run(run_dir: str, out: str, which: str, context: RuntimeContext, merge_lora: bool = False) -> Path:
+def export_run(
+    run_dir: str | Path, out: str, which: str, context: RuntimeContext, merge_lora: bool = False
+) -> Path:
     """Load checkpoint ``which`` (``best``, ``latest`` or a path) of ``run_dir`` and export it to ``out``.
 
-    A PEFT run exports its adapter (``adapter_config.json`` + weights + tokenizer); ``merge_lora`` merges a
-    LoRA or IA3 adapter into the base weights and writes a full model instead.
+    ``run_dir`` may be a storage URI (see :func:`local_run`). A PEFT run exports its adapter
+    (``adapter_config.json`` + weights + tokenizer); ``merge_lora`` merges a LoRA or IA3 adapter into the
+    base weights and writes a full model instead.
     """
-    root = Path(run_dir)
-    config = run_config(run_dir)
+    root = local_run(run_dir)
+    config = run_config(root)
     if merge_lora and config.peft.method not in MERGEABLE:
         full = " (its export is a full model already)" if config.peft.method in ("none", "freeze") else ""
         raise ConfigError(
             f"--merge-lora merges LoRA or IA3 adapters; this run used peft.method={config.peft.method}{full}"
         )
-    checkpoints = CheckpointManager(root / "checkpoints", context)
+    checkpoints = CheckpointManager(checkpoints_dir(root), context)
     checkpoint = {"best": checkpoints.best or checkpoints.latest, "latest": checkpoints.latest}.get(
         which, Path(which)
     )
     if checkpoint is None or not checkpoint.is_dir():
-        raise CheckpointError(f"no {which} checkpoint in {root / 'checkpoints'}")
+        raise CheckpointError(f"no {which} checkpoint of {run_dir} (looked in {checkpoints.directory})")
     export_dir = root / "export"
     tokenizer = load_tokenizer(str(export_dir) if export_dir.is_dir() else config.model.name)
     labels_file = root / "labels.json"
