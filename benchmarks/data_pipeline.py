@@ -1,4 +1,4 @@
-"""Data pipeline: ``ArrowBatchSource`` + collate vs the training step's consumption; cold vs cached prepare.
+"""Data pipeline: the training source + collate vs the training step's consumption; cold vs cached prepare.
 
 * **prepare**: ``task.prepare_data`` into an empty cache directory (read, tokenize, align labels, write
   Parquet shards + manifest) vs the same call again (fingerprint match: the manifest is read).
@@ -21,23 +21,16 @@ from typing import Any
 from benchmarks.common import StepRecorder, interleaved, job_config, median, paired_ratios
 
 
-def _source(config: Any, task: Any, table: Any) -> Any:
-    from distributed_ft.data.sources import ArrowBatchSource
+def _source(config: Any, task: Any, split: Any) -> Any:
+    from distributed_ft.train.loop import training_source
 
-    return ArrowBatchSource(
-        table,
-        task.collate,
-        config.train.batch_size,
-        shuffle=True,
-        group_by_length=config.data.group_by_length,
-        seed=config.train.seed,
-    )
+    return training_source(config, task, split)
 
 
-def pipeline_pass(config: Any, task: Any, table: Any) -> dict[str, Any]:
+def pipeline_pass(config: Any, task: Any, split: Any) -> dict[str, Any]:
     """Iterate one epoch of batches, doing nothing with them."""
     started = time.perf_counter()
-    source = _source(config, task, table)
+    source = _source(config, task, split)
     built = time.perf_counter()
     batches = samples = real = padded = 0
     for batch in source:
@@ -58,7 +51,7 @@ def pipeline_pass(config: Any, task: Any, table: Any) -> dict[str, Any]:
     }
 
 
-def training_pass(config: Any, task: Any, table: Any, labels: list[str], steps: int, warmup: int) -> dict:
+def training_pass(config: Any, task: Any, split: Any, labels: list[str], steps: int, warmup: int) -> dict:
     """The library's step (TorchEngine) on the same source; steps/s after warm-up."""
     import torch
 
@@ -73,7 +66,7 @@ def training_pass(config: Any, task: Any, table: Any, labels: list[str], steps: 
     engine.prepare(model, total_steps=steps)
     engine.train(True)
     recorder = StepRecorder()
-    source = _source(config, task, table)
+    source = _source(config, task, split)
     for batch in source:
         recorder.batch(batch)
         loss = task.loss_sum(engine.forward(batch), batch) / task.loss_weight(batch).clamp(min=1)
@@ -134,14 +127,14 @@ def run(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
     task = get_task(config)
     task.pad_token_id = tokenizer.pad_token_id or 0
     started = time.perf_counter()
-    table = prepared.splits["train"].read()
+    split = prepared.splits["train"]
     read_seconds = time.perf_counter() - started
 
     for rep, variant in interleaved(["pipeline", "training"], repeats):
         if variant == "pipeline":
-            result = pipeline_pass(config, task, table)
+            result = pipeline_pass(config, task, split)
         else:
-            result = training_pass(config, task, table, prepared.labels, steps, warmup)
+            result = training_pass(config, task, split, prepared.labels, steps, warmup)
         records.append({"variant": variant, "repeat": rep, **result})
     return summarize(records, read_seconds, config)
 

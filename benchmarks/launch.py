@@ -78,23 +78,14 @@ def step_times(run_dir: Path) -> list[tuple[int, float]]:
     return sorted(steps.items())
 
 
-def replay_tokens(config: Any, task: Any, table: Any, world_size: int, steps: int) -> dict[str, list[int]]:
+def replay_tokens(config: Any, task: Any, split: Any, world_size: int, steps: int) -> dict[str, list[int]]:
     """Job-wide samples, real and padded tokens of each optimizer step, from the library's batch plan."""
-    from distributed_ft.data.sources import ArrowBatchSource
+    from distributed_ft.train.loop import training_source
 
     totals = {"samples": [0] * steps, "real": [0] * steps, "padded": [0] * steps}
     accum = config.train.grad_accum
     for rank in range(world_size):
-        source = ArrowBatchSource(
-            table,
-            task.collate,
-            config.train.batch_size,
-            shuffle=True,
-            group_by_length=config.data.group_by_length,
-            seed=config.train.seed,
-            rank=rank,
-            world_size=world_size,
-        )
+        source = training_source(config, task, split, rank, world_size)
         step, epoch, micro = 0, 0, 0
         while step < steps:
             source.set_epoch(epoch)
@@ -173,11 +164,13 @@ def run(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
     config = job_config(job)
     task = get_task(config)
     prepared = task.prepare_data(load_tokenizer(config.model.name), data_splits(config))  # warm the cache
-    table = prepared.splits["train"].read()
     peak = peak_flops()
     records, failures, raws = [], [], []
+    floors = []
     for rep, name in interleaved(list(variants), repeats):
         variant = variants[name]
+        if params.get("ray_floor") and variant.get("launcher") == "ray":
+            floors.append(ray_floor(int(variant.get("workers", 1)), workdir / f"floor-{rep}", timeout))
         raw = launch(name, variant, job, workdir / f"{name}-{rep}", timeout)
         raw["repeat"] = rep
         raws.append(raw)
@@ -185,7 +178,7 @@ def run(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
             failures.append({"variant": f"{name} (repeat {rep})", "reason": _reason(raw)})
             continue
         workers = int(variant.get("workers", 1))
-        tokens = replay_tokens(config, task, table, workers, len(raw["steps"]))
+        tokens = replay_tokens(config, task, prepared.splits["train"], workers, len(raw["steps"]))
         result = measure(raw, tokens, warmup, workers)
         flops = model_flops_per_token(
             config.model.name,
@@ -198,7 +191,53 @@ def run(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
         units = compute_units(peak, workers, threads)
         result["mfu"] = mfu(result["real_tokens_per_s"], flops, peak["flops"], devices=units)
         records.append({"variant": name, "repeat": rep, **variant, **result})
-    return summarize(records, variants, failures, params, peak, raws)
+    summary = summarize(records, variants, failures, params, peak, raws)
+    if floors:
+        summary["tables"].append(floor_table(floors, records))
+        summary["floors"] = floors
+    return summary
+
+
+def ray_floor(workers: int, stamps: Path, timeout: float) -> dict[str, Any]:
+    """Start-up and tail of a Ray Train job whose workers do nothing (:mod:`benchmarks.ray_floor`)."""
+    from benchmarks.ray_floor import floor_times
+
+    env = subprocess_env(threads=1, extra={"RAY_USAGE_STATS_ENABLED": "0"})
+    env.pop("RAY_ADDRESS", None)
+    launched = time.time()
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.ray_floor", str(workers), str(stamps)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the Ray floor job failed: {done.stderr[-1500:]}")
+    return floor_times(launched, time.time(), stamps)
+
+
+def floor_table(floors: list[dict[str, Any]], records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Ray's own floor next to the measured start-up and tail of each launcher (medians over repeats)."""
+
+    def med(launcher: str, key: str) -> float | None:
+        return median(r.get(key) for r in records if r.get("launcher", "torchrun") == launcher)
+
+    floor = {key: median(f[key] for f in floors) for key in ("startup_s", "tail_s")}
+    rows = []
+    for key, label in (("startup_s", "start-up s"), ("tail_s", "tail s")):
+        ray, torchrun = med("ray", key), med("torchrun", key)
+        over = None if ray is None or torchrun is None else ray - torchrun
+        above = None if ray is None or floor[key] is None else ray - floor[key]
+        rows.append([label, torchrun, ray, over, floor[key], above])
+    return {
+        "title": "Ray's own floor (a Ray Train job whose workers do nothing)",
+        "columns": ["", "torchrun", "ray", "ray - torchrun", "Ray floor", "ray - floor"],
+        "rows": rows,
+        "caption": "Ray floor: launch to the first no-op worker starting (import ray, local cluster, worker "
+        "group, torch process group), and the last one ending to exit (Ray Train teardown, ray.shutdown); "
+        f"median of {len(floors)} runs interleaved with the others. ray - floor: what the job adds on top.",
+    }
 
 
 def _reason(raw: dict[str, Any]) -> str:

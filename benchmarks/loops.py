@@ -62,16 +62,13 @@ def _f1_of(model: Any, config: Any, task: Any, prepared: Any, context: Any) -> d
 # --------------------------------------------------------------------------- ours
 def run_ours(config: Any, context: Any, workdir: Path, recorder: StepRecorder) -> dict[str, Any]:
     """The library's loop, unchanged; only its engine is wrapped to record step boundaries."""
-    import distributed_ft.train.loop as loop
+    from distributed_ft.engine import build_engine
+    from distributed_ft.train.loop import train
 
     run = config.run.model_copy(update={"output_dir": str(workdir), "resume": "never", "progress": False})
     config = config.model_copy(update={"run": run})
-    build = loop.build_engine
-    loop.build_engine = lambda cfg, ctx: TimedEngine(build(cfg, ctx), recorder)
-    try:
-        results = loop.train(config, context, "bench-ours")
-    finally:
-        loop.build_engine = build
+    engine = TimedEngine(build_engine(config, context), recorder)
+    results = train(config, context, "bench-ours", engine=engine)
     test = results["test"]
     return {"f1": test["f1"], "precision": test["precision"], "recall": test["recall"]}
 

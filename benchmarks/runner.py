@@ -9,6 +9,7 @@ merged over the full run for a seconds-long CI variant). ``dft bench NAME [--smo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib
 import json
@@ -31,6 +32,7 @@ KINDS = {
     "zero": "benchmarks.zero",
     "data_pipeline": "benchmarks.data_pipeline",
     "zero3_load": "benchmarks.zero3_load",
+    "data_scale": "benchmarks.data_scale",
 }
 """``kind`` -> the module whose ``run(spec, workdir)`` returns the payload."""
 
@@ -128,8 +130,11 @@ def main_args(args: argparse.Namespace) -> int:
     names = experiment_names() if args.experiment == "all" else [args.experiment]
     failed = 0
     for name in names:
+        # with --json, stdout carries only the JSON: what libraries print while importing goes to stderr
+        quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
         try:
-            payload = run_experiment(name, smoke=args.smoke, out_dir=Path(args.out) if args.out else None)
+            with quiet:
+                payload = run_experiment(name, smoke=args.smoke, out_dir=Path(args.out) if args.out else None)
         except ExperimentError as exc:
             print(f"bench: error: {exc}", file=sys.stderr)
             return 2

@@ -1,15 +1,16 @@
-"""Ray Train backend: the same loop on Ray Train workers, data through Ray Data, fault tolerance.
+"""Ray Train backend: the same loop on Ray Train workers, data through Ray's object store, fault tolerance.
 
 The only module that imports ``ray``. The driver (``dft train ... run.backend=ray``) prepares the data once,
 puts the prepared Parquet shards in Ray's object store (``ray.put`` from the driver: no task has to run on
 the head node, which a cluster usually starts with ``--num-cpus=0``) and starts a ``TorchTrainer`` whose
 workers run :func:`train_worker`: a :class:`RayContext` around the library's own loop.
 
-Data: every worker fetches the Arrow blocks from the object store (no shared filesystem needed) and takes its
-disjoint batches with the library's deterministic per-rank batch plan. Ray Data's ``streaming_split`` /
-``get_dataset_shard`` assign blocks to workers dynamically, so a restarted worker could not find its place
-in the epoch again (ray #37633, #46814); the deterministic plan makes the restored data position exact. The
-cost: each worker holds the whole tokenized split in memory, fine for fine-tuning corpora up to a few GB.
+Data: each worker fetches only the shards its share of the epoch touches (``ray.get`` of those objects; no
+shared filesystem needed), following the library's deterministic per-rank plan
+(:mod:`distributed_ft.data.shards`), and holds about two windows of rows at a time. Ray Data's
+``streaming_split`` / ``get_dataset_shard`` assign blocks to workers dynamically, so a restarted worker could
+not find its place in the epoch again (ray #37633, #46814); the deterministic plan makes the restored data
+position exact. Evaluation splits are still fetched whole by every worker.
 
 Storage: a worker's run directory is node-local scratch (``$TMPDIR/dft-runs/...``, removed when the run
 ends). Checkpoints reach ``run.storage_path`` through ``ray.train.report``; rank 0 uploads ``config.yaml``,
@@ -34,9 +35,11 @@ import pyarrow as pa
 from distributed_ft.config.load import validate
 from distributed_ft.config.schema import JobConfig
 from distributed_ft.data.prepare import PreparedDataset, PreparedSplit
+from distributed_ft.data.shards import ShardReader, TableShards
 from distributed_ft.errors import LaunchError
 from distributed_ft.runtime import storage
 from distributed_ft.runtime.context import GPU_BACKEND, ProcessGroupContext, set_intra_op_threads
+from distributed_ft.train.checkpoint import needed_files
 
 log = logging.getLogger("distributed_ft")
 
@@ -83,9 +86,7 @@ class RayContext(ProcessGroupContext):
             return
         own = checkpoint_dir.parent / f".report-{checkpoint_dir.name}-rank{self.rank}"
         shutil.rmtree(own, ignore_errors=True)
-        for relative in (
-            files if files is not None else [p.relative_to(checkpoint_dir) for p in _files(checkpoint_dir)]
-        ):
+        for relative in files or ():  # the files this rank wrote (CheckpointManager's owned_files)
             (own / relative).parent.mkdir(parents=True, exist_ok=True)
             os.link(checkpoint_dir / relative, own / relative)
         own.mkdir(parents=True, exist_ok=True)
@@ -104,8 +105,8 @@ class RayContext(ProcessGroupContext):
             return None
         if self._restored is None:  # inside the node's scratch directory: removed with it
             local = Path(tempfile.mkdtemp(prefix=f"restore-rank{self.rank}-", dir=self.scratch))
-            checkpoint.to_directory(str(local / Path(checkpoint.path).name))
             self._restored = local / Path(checkpoint.path).name
+            fetch_checkpoint(checkpoint.filesystem, checkpoint.path, self._restored, self.rank)
         return self._restored
 
     def stop_requested_locally(self) -> bool:
@@ -116,21 +117,41 @@ class RayContext(ProcessGroupContext):
         return super().stop_requested_locally() or preempted
 
 
-def _files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.is_file())
+def fetch_checkpoint(filesystem: Any, root: str, target: Path, rank: int) -> list[str]:
+    """Download the files of the checkpoint at ``root`` that ``rank`` reads (not the other ranks' shards)."""
+    import pyarrow.fs as pafs
+
+    listing = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+    names = sorted(info.path[len(root) :].lstrip("/") for info in listing if info.type == pafs.FileType.File)
+    wanted = needed_files(names, rank)
+    for name in wanted:
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(
+            f"{root}/{name}",
+            str(target / name),
+            source_filesystem=filesystem,
+            destination_filesystem=pafs.LocalFileSystem(),
+        )
+    return wanted
 
 
 class RaySplit(PreparedSplit):
-    """A prepared split delivered through Ray's object store instead of read from local shards."""
+    """A prepared split delivered through Ray's object store (one object per shard) instead of files."""
 
-    def __init__(self, name: str, stats: Any, blocks: list[Any]) -> None:
-        super().__init__(name, [], stats)
+    def __init__(self, name: str, stats: Any, blocks: list[Any], rows: list[int]) -> None:
+        super().__init__(name, [], stats, rows)
         self.blocks = blocks
 
     def read(self) -> pa.Table:
         import ray
 
         return pa.concat_tables(ray.get(self.blocks)).sort_by("example_id")
+
+    def shard_reader(self) -> ShardReader:
+        """Fetches only the shards the rank's share touches (``ray.get`` of those objects)."""
+        import ray
+
+        return TableShards(self.rows, lambda shard: ray.get(self.blocks[shard]))
 
 
 def train_worker(payload: dict[str, Any]) -> None:
@@ -153,7 +174,8 @@ def train_worker(payload: dict[str, Any]) -> None:
     log.info(set_intra_op_threads(config.run.num_threads, local_world_size=1))
     prepared = payload["prepared"]
     splits = {
-        name: RaySplit(name, stats, prepared["blocks"][name]) for name, stats in prepared["stats"].items()
+        name: RaySplit(name, stats, prepared["blocks"][name], prepared["rows"][name])
+        for name, stats in prepared["stats"].items()
     }
     data = PreparedDataset(
         Path(prepared["directory"]), splits, prepared["labels"], reused=True, meta=prepared["meta"]
@@ -224,10 +246,14 @@ def train_on_ray(config: JobConfig, name: str) -> tuple[dict[str, Any], str]:
 
     run = config.run
     _ray_init(None if os.environ.get("RAY_ADDRESS") else max(run.num_workers, os.cpu_count() or 1))
-    blocks = {  # read once by the driver; the workers only fetch the Arrow blocks from the object store
-        split.name: [ray.put(pq.read_table(shard)) for shard in split.shards]
-        for split in prepared.splits.values()
-    }
+    blocks: dict[str, list[Any]] = {}  # read once by the driver; each worker fetches the shards it reads
+    rows: dict[str, list[int]] = {}
+    for split in prepared.splits.values():
+        blocks[split.name], rows[split.name] = [], []
+        for shard in split.shards:
+            table = pq.read_table(shard)
+            blocks[split.name].append(ray.put(table))
+            rows[split.name].append(table.num_rows)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) > 1 and run.storage_path is None:
         raise LaunchError(
@@ -254,6 +280,7 @@ def train_on_ray(config: JobConfig, name: str) -> tuple[dict[str, Any], str]:
                 "meta": prepared.meta,  # task assets (class weights, ...): the workers never prepare
                 "stats": {n: s.stats for n, s in prepared.splits.items()},
                 "blocks": blocks,
+                "rows": rows,
             },
         },
         scaling_config=ScalingConfig(

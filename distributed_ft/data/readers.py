@@ -1,7 +1,8 @@
 """Readers that turn labelled files (CoNLL, JSONL, CSV, Parquet) into ``pyarrow.Table``s.
 
 Nothing is silently dropped: every malformed input raises :class:`DataError` naming ``file:line``,
-what was found and what was expected. Token tags are normalised to IOB2.
+what was found and what was expected. Token tags are normalised to IOB2. CoNLL, JSONL and CSV files are read
+line by line (:func:`text_lines`), never as one whole-file string; a JSON array file is one value, read whole.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ import codecs
 import csv
 import functools
 import glob
-import io
+import itertools
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,14 @@ def _expand(path: str | os.PathLike[str]) -> list[str]:
     return [path]
 
 
+def input_files(path: str | os.PathLike[str]) -> list[str]:
+    """The files an input names: a file, a glob's matches, or every file under a directory, sorted."""
+    path = os.fspath(path)
+    if os.path.isdir(path):  # a folder-per-class layout
+        return sorted(str(p) for p in Path(path).rglob("*") if p.is_file())
+    return _expand(path)
+
+
 def _format_of(path: str, fmt: str) -> str:
     """Resolve ``fmt`` ("auto" picks from the extension) to one of conll/jsonl/csv/parquet."""
     if fmt != "auto":
@@ -96,20 +105,45 @@ def _format_of(path: str, fmt: str) -> str:
     )
 
 
+def _decode_error(path: str, line: int, raw: bytes, error: UnicodeDecodeError) -> DataError:
+    """The error for a non-UTF-8 byte of ``raw`` (one line, or the whole file when ``line`` is 0)."""
+    if line == 0:
+        line = raw.count(b"\n", 0, error.start) + 1
+    column = error.start - (raw.rfind(b"\n", 0, error.start) + 1) + 1
+    return DataError(
+        f"{path}:{line}: byte 0x{raw[error.start]:02x} at column {column} is not UTF-8; "
+        "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+    )
+
+
 def _read_text(path: str) -> str:
-    """Read ``path`` as UTF-8 (a BOM is stripped); non-UTF-8 bytes raise with line and column."""
+    """Read a whole (small) file as UTF-8 (a BOM is stripped); non-UTF-8 bytes raise with line and column.
+
+    Only for inputs that are one value (a JSON array, a class folder's text file); others stream lines.
+    """
     data = Path(path).read_bytes()
     if data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8) :]
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        raise DataError(
-            f"{path}:{line}: byte 0x{data[e.start]:02x} at column {column} is not UTF-8; "
-            "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
-        ) from None
+        raise _decode_error(path, 0, data, e) from None
+
+
+def text_lines(path: str) -> Iterator[str]:
+    r"""The lines of a UTF-8 file, one at a time, each with its ``\n`` (a leading BOM is stripped).
+
+    Lines end at ``\n`` only (``\r`` stays with the line); a non-UTF-8 byte raises naming
+    ``path:line`` and the column.
+    """
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            if number == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _decode_error(path, number, raw, e) from None
 
 
 def _read_conll(path: str, tag_column: int, require_tags: bool = True) -> _Part:
@@ -121,8 +155,8 @@ def _read_conll(path: str, tag_column: int, require_tags: bool = True) -> _Part:
     tokens: list[str] | None = None
     tags: list[str] = []
     ncols = first = col = 0
-    for number, raw in enumerate(_read_text(path).split("\n"), 1):
-        line = raw.strip(" \t\r")
+    for number, raw in enumerate(text_lines(path), 1):
+        line = raw.strip(" \t\r\n")
         if not line:
             tokens = None
             continue
@@ -162,17 +196,26 @@ def _read_conll(path: str, tag_column: int, require_tags: bool = True) -> _Part:
 
 
 def _json_records(path: str) -> tuple[str, Iterable[tuple[int, Any]]]:
-    """Yield ``(line, value)`` per JSONL line, or ``(N, record)`` for a file holding one JSON array."""
-    text = _read_text(path)
-    if text.lstrip().startswith("["):
+    """Yield ``(line, value)`` per JSONL line, or ``(N, record)`` for a file holding one JSON array.
+
+    JSONL is read line by line; a JSON array is one value, so that file is read whole.
+    """
+    lines = text_lines(path)
+    head = []
+    for line in lines:
+        head.append(line)
+        if line.strip():
+            break
+    if head and head[-1].lstrip().startswith("["):
+        lines.close()
         try:
-            values = json.loads(text)
+            values = json.loads(_read_text(path))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
         return "record", enumerate(values, 1)
 
-    def lines() -> Iterable[tuple[int, Any]]:
-        for number, line in enumerate(text.split("\n"), 1):
+    def records() -> Iterable[tuple[int, Any]]:
+        for number, line in enumerate(itertools.chain(head, lines), 1):
             if not line.strip():
                 continue
             try:
@@ -183,7 +226,7 @@ def _json_records(path: str) -> tuple[str, Iterable[tuple[int, Any]]]:
                     'expected one object per line such as {"tokens": [...], "tags": [...]}'
                 ) from None
 
-    return "line", lines()
+    return "line", records()
 
 
 _Rows = tuple[str, list[int], list[dict]]  # (location unit, line numbers, rows)
@@ -206,7 +249,7 @@ def _jsonl_rows(path: str, columns: Sequence[str] | None, hint: str) -> _Rows:
 
 def _csv_rows(path: str, columns: Sequence[str] | None, hint: str) -> _Rows:
     """Read CSV rows under a header row; line numbers are physical lines (quoted newlines count)."""
-    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
+    reader = csv.reader(text_lines(path))
     lines, rows = [], []
     try:
         header = [h.strip() for h in next(reader, [])]

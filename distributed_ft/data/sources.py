@@ -139,7 +139,34 @@ def length_grouped_order(lengths: np.ndarray, batch_size: int, rng: np.random.Ge
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-class ArrowBatchSource:
+class PositionedSource:
+    """Hands out an epoch's batches from ``_collated(start)``, prefetched, counting those handed out."""
+
+    epoch: int
+    position: int
+    prefetch: int
+    pin_memory: bool
+
+    def _collated(self, start: int) -> Iterator[Batch]:
+        """The collated batches of the current epoch from batch ``start`` on."""
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Batch]:
+        """The remaining batches of this epoch; ``position`` advances as each one is handed out."""
+        ready = prefetch(self._collated(self.position), self.prefetch, self.pin_memory)
+        try:
+            for batch in ready:
+                self.position += 1
+                yield batch
+        finally:
+            ready.close()
+
+    def state_dict(self) -> dict[str, int]:
+        """Epoch and number of batches of it already handed out."""
+        return {"epoch": self.epoch, "position": self.position}
+
+
+class ArrowBatchSource(PositionedSource):
     """Batches of a prepared split for one rank.
 
     Args:
@@ -220,24 +247,9 @@ class ArrowBatchSource:
     def __len__(self) -> int:
         return len(self._batches())
 
-    def _collated(self, plan: list[np.ndarray], start: int) -> Iterator[Batch]:
-        for indices in plan[start:]:
+    def _collated(self, start: int) -> Iterator[Batch]:
+        for indices in self._batches()[start:]:
             yield self.collate([self.rows.row(int(i)) for i in indices])
-
-    def __iter__(self) -> Iterator[Batch]:
-        """The remaining batches of this epoch; ``position`` advances as each one is handed out."""
-        plan = self._batches()
-        ready = prefetch(self._collated(plan, self.position), self.prefetch, self.pin_memory)
-        try:
-            for batch in ready:
-                self.position += 1
-                yield batch
-        finally:
-            ready.close()
-
-    def state_dict(self) -> dict[str, int]:
-        """Epoch and number of batches of it already handed out."""
-        return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position, self._plan = state["epoch"], state["position"], None

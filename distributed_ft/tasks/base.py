@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, runtime_checkable
 
 import pyarrow as pa
 import torch
 from torch import nn
 
-from distributed_ft.data.prepare import PreparedDataset
+from distributed_ft.config.schema import JobConfig
+from distributed_ft.data.builtin import resolve
+from distributed_ft.data.prepare import (
+    Preparation,
+    PreparedDataset,
+    cache_dir_for,
+    fingerprint,
+    hash_tokenizer,
+    input_stats,
+    prepare,
+)
 from distributed_ft.data.sources import Batch
+from distributed_ft.runtime.context import LocalContext
+from distributed_ft.runtime.tracking import Progress
 
 
 class Task(Protocol):
@@ -20,10 +33,25 @@ class Task(Protocol):
     metrics: dict[str, str]
     """Metric name -> ``"max"`` or ``"min"``: what ``eval.metric`` may be and which way is better."""
 
+    def cache_key(self, tokenizer: Any, splits: dict[str, str], labels: list[str] | None = None) -> str:
+        """The cache key of ``prepare_data``'s result, without reading the data (a ``stat`` per file).
+
+        Also checks the configuration, so a bad job fails here, before any rank starts preparing.
+        """
+        ...
+
     def prepare_data(
-        self, tokenizer: Any, splits: dict[str, str], labels: list[str] | None
+        self,
+        tokenizer: Any,
+        splits: dict[str, str],
+        labels: list[str] | None = None,
+        key: str | None = None,
     ) -> PreparedDataset:
-        """Read, validate, encode and cache ``{split: path}``; ``labels`` fixed when given."""
+        """The cached encoding of ``{split: path}`` under ``key`` (default: :meth:`cache_key`).
+
+        On a miss the inputs are read, validated and encoded (``labels`` fixed when given) by the one
+        process that takes the key's lock; the others wait for its result.
+        """
         ...
 
     def restore_assets(self, meta: dict[str, Any]) -> None:
@@ -57,6 +85,72 @@ class Task(Protocol):
         ...
 
     def format_report(self, metrics: dict[str, Any]) -> str: ...
+
+
+@runtime_checkable
+class PreparesTokenizer(Protocol):
+    """A task that changes the tokenizer before encoding or inference (added marker tokens, a chat template).
+
+    Called wherever a tokenizer meets the task, also where the data was prepared elsewhere (Ray workers).
+    """
+
+    def prepare_tokenizer(self, tokenizer: Any) -> Any: ...
+
+
+@runtime_checkable
+class Generates(Protocol):
+    """A generative task: ``dft predict`` decodes text, and evaluation adds a few generated samples."""
+
+    def generate(
+        self, model: nn.Module, encoded: pa.Table, batch_size: int, progress: Any = None
+    ) -> dict[int, Any]:
+        """Generated output per example id of ``encoded``."""
+        ...
+
+    def generate_samples(self, model: nn.Module, split: pa.Table) -> dict[str, list[str]] | None:
+        """A few prompts and their generations for the metrics log (every rank calls it: ZeRO-3)."""
+        ...
+
+
+def preparation_progress(config: JobConfig) -> Callable[..., Iterable[Any]]:
+    """A progress bar over encoded chunks for the process that prepares (``run.progress``)."""
+    return Progress(config.run.progress, LocalContext()).wrap
+
+
+def input_key(
+    task: str,
+    config: JobConfig,
+    tokenizer: Any,
+    splits: dict[str, str],
+    labels: list[str] | None,
+    **options: Any,
+) -> str:
+    """A cache key: inputs by path, size and mtime, the tokenizer, given labels, limits and ``options``."""
+    data = config.data
+    return fingerprint(
+        {
+            "task": task,
+            "files": {split: input_stats(resolve(path)) for split, path in splits.items()},
+            "tokenizer": hash_tokenizer(tokenizer),
+            "labels": labels,
+            "max_length": data.max_length,
+            "limits": [data.max_train_samples, data.max_eval_samples, data.max_test_samples],
+            **options,
+        }
+    )
+
+
+def cached(config: JobConfig, key: str, build: Callable[[], Preparation]) -> PreparedDataset:
+    """The prepared dataset of ``key`` in ``data.cache_dir``; ``build`` reads the inputs on a miss."""
+    data = config.data
+    return prepare(
+        cache_dir_for(data),
+        key,
+        build,
+        shard_rows=data.shard_rows,
+        num_proc=data.num_proc,
+        progress=preparation_progress(config),
+    )
 
 
 def metric_improved(task: Task, metric: str, value: float, best: float | None) -> bool:

@@ -12,11 +12,11 @@ when the model does not support it (``data.packing=false`` then).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 from itertools import chain
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,18 +29,16 @@ from distributed_ft.config.schema import JobConfig
 from distributed_ft.data import readers
 from distributed_ft.data.builtin import resolve
 from distributed_ft.data.prepare import (
+    Preparation,
     PreparedDataset,
+    SplitPlan,
     SplitStats,
-    default_cache_dir,
-    fingerprint,
-    hash_files,
-    hash_tokenizer,
     limit_split,
-    prepare,
 )
 from distributed_ft.data.sources import Batch
 from distributed_ft.errors import ConfigError, DataError
 from distributed_ft.modeling.build import build_model, load_tokenizer
+from distributed_ft.tasks.base import cached, input_key
 from distributed_ft.tasks.instruction_data import (
     IGNORE,
     Message,
@@ -105,6 +103,83 @@ def check_packing_isolation(model: nn.Module) -> float:
             "set data.packing=false"
         )
     return difference
+
+
+# --------------------------------------------------------------------------- encoding
+def encode_chats(
+    table: pa.Table, renderer: Renderer, max_length: int, *, first: int = 0
+) -> tuple[pa.Table, SplitStats]:
+    """Token ids and response-only labels per record, cut to ``max_length`` tokens.
+
+    A record that keeps no response token is left out (counted in ``stats.extra``); ``example_id`` is the
+    record's index in the split (``first`` is the split index of the table's first row), so ids can skip.
+    """
+    tokenizer = renderer.tokenizer
+    chats = [json.loads(m) for m in table.column("messages").to_pylist()]
+    lines = table.column("line").to_pylist()
+    kept: dict[str, list] = {"example_id": [], "input_ids": [], "labels": [], "prompt_length": [], "line": []}
+    truncated = dropped = 0
+    for start in range(0, len(chats), ENCODE_CHUNK):
+        rendered = [renderer.render(chat) for chat in chats[start : start + ENCODE_CHUNK]]
+        encoding = tokenizer(
+            [text for text, _ in rendered],
+            add_special_tokens=renderer.add_special_tokens,
+            return_offsets_mapping=True,
+        )
+        for i, (_, spans) in enumerate(rendered):
+            ids = encoding["input_ids"][i]
+            offsets = encoding["offset_mapping"][i]
+            labels = response_labels(ids, offsets, spans)
+            answer = spans[-1][0]  # the last response starts here
+            prompt_length = next((t for t in range(1, len(ids)) if offsets[t][1] > answer), len(ids))
+            truncated += len(ids) > max_length
+            ids, labels = ids[:max_length], labels[:max_length]
+            if all(label == IGNORE for label in labels):
+                dropped += 1
+                continue
+            row = (first + start + i, ids, labels, min(prompt_length, len(ids)), lines[start + i])
+            for name, value in zip(kept, row, strict=True):
+                kept[name].append(value)
+    stats = SplitStats(examples=len(kept["input_ids"]), tokens=sum(map(len, kept["input_ids"])))
+    stats.extra = {"cut_examples": truncated, "dropped_examples": dropped}
+    int_list = pa.list_(pa.int32())
+    out = pa.table(
+        {
+            "example_id": pa.array(kept["example_id"], pa.int64()),
+            "input_ids": pa.array(kept["input_ids"], int_list),
+            "labels": pa.array(kept["labels"], int_list),
+            "prompt_length": pa.array(kept["prompt_length"], pa.int32()),
+            "length": pa.array([len(ids) for ids in kept["input_ids"]], pa.int32()),
+            "line": pa.array(kept["line"], pa.int64()),
+        }
+    )
+    return out, stats
+
+
+def pack_examples(table: pa.Table, stats: SplitStats, max_length: int) -> tuple[pa.Table, SplitStats]:
+    """Pack encoded examples into rows of at most ``max_length`` tokens (best fit, over the whole split).
+
+    Each row's ``position_ids`` restart at every example; its ``line`` is that of its first example.
+    """
+    ids, labels = table.column("input_ids").to_pylist(), table.column("labels").to_pylist()
+    lines = table.column("line").to_pylist()
+    groups = pack([len(row) for row in ids], max_length)
+    int_list = pa.list_(pa.int32())
+    out = pa.table(
+        {
+            "example_id": pa.array(np.arange(len(groups)), pa.int64()),
+            "input_ids": pa.array([list(chain.from_iterable(ids[i] for i in g)) for g in groups], int_list),
+            "labels": pa.array([list(chain.from_iterable(labels[i] for i in g)) for g in groups], int_list),
+            "position_ids": pa.array(
+                [list(chain.from_iterable(range(len(ids[i])) for i in g)) for g in groups], int_list
+            ),
+            "length": pa.array([sum(len(ids[i]) for i in g) for g in groups], pa.int32()),
+            "line": pa.array([lines[g[0]] for g in groups], pa.int64()),
+        }
+    )
+    fill = stats.tokens / max(1, len(groups) * max_length)
+    stats.extra = {**stats.extra, "packed_rows": len(groups), "fill": fill}
+    return out, stats
 
 
 # --------------------------------------------------------------------------- the task
@@ -175,102 +250,82 @@ class CausalLMTask:
         )
         return out.replace_schema_metadata(table.schema.metadata)
 
-    def prepare_data(
-        self, tokenizer: Any, splits: dict[str, str], labels: list[str] | None = None
-    ) -> PreparedDataset:
-        """Read, render, tokenize (labels on responses only), pack the training split, and cache."""
-        renderer = self.prepare_tokenizer(tokenizer)
-        data = self.config.data
-        if labels is None and self.config.eval.metric not in METRICS:
+    def cache_key(self, tokenizer: Any, splits: dict[str, str], labels: list[str] | None = None) -> str:
+        """Inputs by path, size and mtime, the tokenizer, the template and the encoding options."""
+        del labels  # a causal LM has none
+        if self.config.eval.metric not in METRICS:
             raise ConfigError(
                 f"eval.metric={self.config.eval.metric!r} is not a {self.name} metric; "
                 f"use one of {', '.join(METRICS)}"
             )
-        tables = {
-            split: limit_split(self.read(path), split, self.config.data) for split, path in splits.items()
-        }
-        key = fingerprint(
-            {
-                "task": self.name,
-                "files": {split: hash_files(resolve(path)) for split, path in splits.items()},
-                "tokenizer": hash_tokenizer(tokenizer),
-                "template": renderer.template or "plain",
-                "max_length": data.max_length,
-                "packing": data.packing,
-                "reader": [data.format, data.messages_column, data.prompt_column, data.response_column],
-                "limits": [data.max_train_samples, data.max_eval_samples, data.max_test_samples],
-            }
+        renderer = self.prepare_tokenizer(tokenizer)
+        data = self.config.data
+        return input_key(
+            self.name,
+            self.config,
+            tokenizer,
+            splits,
+            None,
+            template=renderer.template or "plain",
+            packing=data.packing,
+            reader=[data.format, data.messages_column, data.prompt_column, data.response_column],
         )
-        encoders = [
-            (split, lambda t=table, s=split: self.encode(t, s, pack_rows=data.packing and s == "train"))
-            for split, table in tables.items()
+
+    def prepare_data(
+        self,
+        tokenizer: Any,
+        splits: dict[str, str],
+        labels: list[str] | None = None,
+        key: str | None = None,
+    ) -> PreparedDataset:
+        """The cached encoding of the splits (the training split packed); on a miss they are read first."""
+        self.prepare_tokenizer(tokenizer)
+        prepared = cached(
+            self.config, key or self.cache_key(tokenizer, splits, labels), lambda: self.preparation(splits)
+        )
+        if not prepared.reused:
+            for split in prepared.splits.values():
+                self._warn_cut(split.name, split.stats)
+        return prepared
+
+    def preparation(self, splits: dict[str, str]) -> Preparation:
+        """Read and render every split; the training split is packed (``data.packing``) once encoded."""
+        assert self.renderer is not None
+        data = self.config.data
+        encode = functools.partial(encode_chats, renderer=self.renderer, max_length=data.max_length)
+        pack_train = functools.partial(pack_examples, max_length=data.max_length)
+        plans = [
+            SplitPlan(
+                split,
+                limit_split(self.read(path), split, data),
+                encode,
+                finish=pack_train if data.packing and split == "train" else None,
+            )
+            for split, path in splits.items()
         ]
-        cache_dir = Path(data.cache_dir).expanduser() if data.cache_dir else default_cache_dir()
-        return prepare(cache_dir, key, encoders, labels=[], shard_rows=data.shard_rows)
+        return Preparation(plans, labels=[])
 
     def encode(self, table: pa.Table, split: str, pack_rows: bool = False) -> tuple[pa.Table, SplitStats]:
         """Token ids and response-only labels per example (or per packed row)."""
         assert self.renderer is not None
         max_length = self.config.data.max_length
-        chats = [json.loads(m) for m in table.column("messages").to_pylist()]
-        lines = table.column("line").to_pylist()
-        examples: list[tuple[list[int], list[int], int, int]] = []  # ids, labels, prompt length, line
-        truncated = dropped = 0
-        for start in range(0, len(chats), ENCODE_CHUNK):
-            rendered = [self.renderer.render(chat) for chat in chats[start : start + ENCODE_CHUNK]]
-            encoding = self.tokenizer(
-                [text for text, _ in rendered],
-                add_special_tokens=self.renderer.add_special_tokens,
-                return_offsets_mapping=True,
-            )
-            for i, (_, spans) in enumerate(rendered):
-                ids = encoding["input_ids"][i]
-                offsets = encoding["offset_mapping"][i]
-                labels = response_labels(ids, offsets, spans)
-                answer = spans[-1][0]  # the last response starts here
-                prompt_length = next((t for t in range(1, len(ids)) if offsets[t][1] > answer), len(ids))
-                truncated += len(ids) > max_length
-                ids, labels = ids[:max_length], labels[:max_length]
-                if all(label == IGNORE for label in labels):
-                    dropped += 1
-                    continue
-                examples.append((ids, labels, min(prompt_length, len(ids)), lines[start + i]))
-        if truncated or dropped:
+        encoded, stats = encode_chats(table, self.renderer, max_length)
+        if pack_rows:
+            encoded, stats = pack_examples(encoded, stats, max_length)
+        self._warn_cut(split, stats)
+        return encoded, stats
+
+    def _warn_cut(self, split: str, stats: SplitStats) -> None:
+        cut, dropped = stats.extra.get("cut_examples", 0), stats.extra.get("dropped_examples", 0)
+        if cut or dropped:
             log.warning(
                 "%s: %d examples longer than data.max_length=%d were cut; %d of them kept no response token "
                 "and were left out",
                 split,
-                truncated,
-                max_length,
+                cut,
+                self.config.data.max_length,
                 dropped,
             )
-        stats = SplitStats(examples=len(examples), tokens=sum(len(e[0]) for e in examples))
-        stats.extra = {"cut_examples": truncated, "dropped_examples": dropped}
-        int_list = pa.list_(pa.int32())
-        if pack_rows:
-            groups = pack([len(e[0]) for e in examples], max_length)
-            rows = {
-                "input_ids": [list(chain.from_iterable(examples[i][0] for i in g)) for g in groups],
-                "labels": [list(chain.from_iterable(examples[i][1] for i in g)) for g in groups],
-                "position_ids": [
-                    list(chain.from_iterable(range(len(examples[i][0])) for i in g)) for g in groups
-                ],
-            }
-            stats.extra.update(packed_rows=len(groups), fill=stats.tokens / max(1, len(groups) * max_length))
-            line = [examples[g[0]][3] for g in groups]
-        else:
-            rows = {"input_ids": [e[0] for e in examples], "labels": [e[1] for e in examples]}
-            rows["prompt_length"] = [e[2] for e in examples]
-            line = [e[3] for e in examples]
-        out = {
-            "example_id": pa.array(np.arange(len(line)), pa.int64()),
-            **{name: pa.array(values, int_list) for name, values in rows.items() if name != "prompt_length"},
-        }
-        if "prompt_length" in rows:
-            out["prompt_length"] = pa.array(rows["prompt_length"], pa.int32())
-        out["length"] = pa.array([len(ids) for ids in rows["input_ids"]], pa.int32())
-        out["line"] = pa.array(line, pa.int64())
-        return pa.table(out), stats
 
     def collate(self, rows: list[dict[str, Any]], with_meta: bool = False) -> Batch:
         """Right padding; packed rows carry ``position_ids`` (padding restarts at 0: its own segment)."""

@@ -5,16 +5,12 @@ Every error names ``file:line`` (via :func:`distributed_ft.data.readers.row_loca
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from distributed_ft.data import readers
-from distributed_ft.data.prepare import hash_files
 from distributed_ft.data.readers import RowLocation
 from distributed_ft.errors import DataError
 
@@ -114,14 +110,3 @@ def check_known_labels(table: pa.Table, known: list[str]) -> None:
                 f"data; the training data has labels: {', '.join(known)}; add examples of it to the training "
                 "data or fix the label"
             )
-
-
-def hash_source(path: str) -> str:
-    """Digest of a file/glob, or of every file under a directory (folder-per-class layout)."""
-    if not os.path.isdir(path):
-        return hash_files(path)
-    digest = hashlib.sha256()
-    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(path)).encode())
-        digest.update(file.read_bytes())
-    return digest.hexdigest()

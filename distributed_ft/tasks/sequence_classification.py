@@ -9,10 +9,10 @@ unsplittable tokens and grows the embeddings. The loss is computed here (``data.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,23 +25,21 @@ from distributed_ft.config.schema import JobConfig
 from distributed_ft.data import readers
 from distributed_ft.data.builtin import resolve
 from distributed_ft.data.prepare import (
+    Preparation,
     PreparedDataset,
+    SplitPlan,
     SplitStats,
-    default_cache_dir,
-    fingerprint,
-    hash_tokenizer,
     limit_split,
-    prepare,
 )
 from distributed_ft.data.sources import Batch, pad_sequences
 from distributed_ft.errors import ConfigError, DataError
 from distributed_ft.modeling.build import build_model, load_tokenizer
+from distributed_ft.tasks.base import cached, input_key
 from distributed_ft.tasks.classification_data import (
     add_marker_tokens,
     check_known_labels,
     check_markers,
     entity_markers,
-    hash_source,
     label_order,
     parse_labels,
     text_value,
@@ -53,6 +51,56 @@ ENCODE_CHUNK = 2048
 METRICS = {"accuracy": "max", "macro_f1": "max", "micro_f1": "max", "weighted_f1": "max", "loss": "min"}
 """Metrics ``eval.metric`` may name, and whether each is maximised or minimised."""
 PREDICT_FORMATS = ("text", "jsonl")
+
+
+# --------------------------------------------------------------------------- encoding
+def encode_texts(
+    table: pa.Table,
+    tokenizer: Any,
+    label2id: dict[str, int] | None,
+    max_length: int,
+    markers: list[str],
+    *,
+    first: int = 0,
+) -> tuple[pa.Table, SplitStats]:
+    """Tokenize texts (and pairs); ``label_ids`` only when ``label2id`` is given.
+
+    ``first`` is the split index of the table's first row (rows of a chunk keep their split's example ids).
+    Truncation is counted in ``stats.extra`` (``truncated_examples``, ``markers_cut``).
+    """
+    texts = table.column("text").to_pylist()
+    pairs = table.column("text_pair").to_pylist() if "text_pair" in table.column_names else None
+    keep_types = "token_type_ids" in tokenizer.model_input_names
+    marker_ids = set(tokenizer.convert_tokens_to_ids(markers))
+    columns: dict[str, list] = {"input_ids": [], "token_type_ids": []}
+    stats, truncated, markers_cut = SplitStats(examples=len(texts)), 0, 0
+    for start in range(0, len(texts), ENCODE_CHUNK):
+        chunk_pairs = pairs[start : start + ENCODE_CHUNK] if pairs else None
+        encoding = tokenizer(
+            texts[start : start + ENCODE_CHUNK], chunk_pairs, truncation=True, max_length=max_length
+        )
+        for i, ids in enumerate(encoding["input_ids"]):
+            columns["input_ids"].append(ids)
+            if keep_types:
+                columns["token_type_ids"].append(encoding["token_type_ids"][i])
+            truncated += bool(encoding.encodings[i].overflowing)
+            markers_cut += bool(marker_ids - set(ids))
+            stats.tokens += len(ids)
+    int_list = pa.list_(pa.int32())
+    out = {
+        "example_id": pa.array(np.arange(first, first + len(texts)), pa.int64()),
+        "input_ids": pa.array(columns["input_ids"], int_list),
+    }
+    if keep_types:
+        out["token_type_ids"] = pa.array(columns["token_type_ids"], int_list)
+    if label2id is not None:
+        ids = [[label2id[label] for label in labels] for labels in table.column("labels").to_pylist()]
+        out["label_ids"] = pa.array(ids, int_list)
+    out["length"] = pa.array([len(ids) for ids in columns["input_ids"]], pa.int32())
+    out["line"] = table.column("line")
+    # SplitStats.describe words truncation for NER; it is reported from ``extra`` here instead
+    stats.extra = {"truncated_examples": truncated, "markers_cut": markers_cut}
+    return pa.table(out), stats
 
 
 # --------------------------------------------------------------------------- the task
@@ -145,8 +193,10 @@ class SequenceClassificationTask:
 
     def compute_class_weights(self, train: pa.Table) -> torch.Tensor | None:
         """``balanced`` weights from the training labels (``None`` when ``data.class_weights=none``)."""
-        if self.config.data.class_weights == "none":
-            return None
+        return None if self.config.data.class_weights == "none" else self.balanced_weights(train)
+
+    def balanced_weights(self, train: pa.Table) -> torch.Tensor:
+        """Inverse class frequencies (multi-label: negatives / positives per class) of ``train``."""
         index = {label: i for i, label in enumerate(self.labels)}
         counts = np.zeros(len(self.labels))
         for labels in train.column("labels").to_pylist():
@@ -158,17 +208,52 @@ class SequenceClassificationTask:
             weights = train.num_rows / (len(self.labels) * np.maximum(counts, 1))
         return torch.tensor(weights, dtype=torch.float32)
 
-    def prepare_data(
-        self, tokenizer: Any, splits: dict[str, str], labels: list[str] | None = None
-    ) -> PreparedDataset:
-        """Read and validate every split, fix the labels from ``train``, encode and cache."""
+    def cache_key(self, tokenizer: Any, splits: dict[str, str], labels: list[str] | None = None) -> str:
+        """Inputs by path, size and mtime, the tokenizer (with markers), given ``labels``, the options."""
+        if labels is None:
+            self._check_metric()
         self.prepare_tokenizer(tokenizer)
         data = self.config.data
+        return input_key(
+            self.name,
+            self.config,
+            tokenizer,
+            splits,
+            labels,
+            reader=[data.format, data.text_column, self.pair, data.label_column, data.label_delimiter],
+            multi_label=self.multi_label,
+            markers=self.markers,
+        )
+
+    def prepare_data(
+        self,
+        tokenizer: Any,
+        splits: dict[str, str],
+        labels: list[str] | None = None,
+        key: str | None = None,
+    ) -> PreparedDataset:
+        """The cached encoding of the splits; on a miss they are read, validated and encoded first."""
+        self.prepare_tokenizer(tokenizer)
+        prepared = cached(
+            self.config,
+            key or self.cache_key(tokenizer, splits, labels),
+            lambda: self.preparation(tokenizer, splits, labels),
+        )
+        self.labels = list(prepared.labels or [])
+        self.restore_assets(prepared.meta)
+        if not prepared.reused:
+            for split in prepared.splits.values():
+                self._warn_truncation(split.name, split.stats)
+        return prepared
+
+    def preparation(
+        self, tokenizer: Any, splits: dict[str, str], labels: list[str] | None = None
+    ) -> Preparation:
+        """Read and validate every split, fix the labels (and class weights) from ``train``."""
         tables = {split: self.read(path) for split, path in splits.items()}
         if labels is None:
             if "train" not in tables:
                 raise DataError("data.train is needed to fix the label set")
-            self._check_metric()
             labels = label_order(
                 {lab for labs in tables["train"].column("labels").to_pylist() for lab in labs}
             )
@@ -176,88 +261,39 @@ class SequenceClassificationTask:
             check_known_labels(table, labels)
         tables = {split: limit_split(table, split, self.config.data) for split, table in tables.items()}
         self.labels = labels
-        if "train" in tables:
-            self.class_weights = self.compute_class_weights(tables["train"])
-            if self.class_weights is not None:
-                log.info("class weights: %s", dict(zip(labels, self.class_weights.tolist(), strict=True)))
-        label2id = {label: i for i, label in enumerate(labels)}
-        key = fingerprint(
-            {
-                "task": self.name,
-                "files": {split: hash_source(resolve(path)) for split, path in splits.items()},
-                "tokenizer": hash_tokenizer(tokenizer),
-                "labels": labels,
-                "max_length": data.max_length,
-                "reader": [data.format, data.text_column, self.pair, data.label_column, data.label_delimiter],
-                "multi_label": self.multi_label,
-                "markers": self.markers,
-                "limits": [data.max_train_samples, data.max_eval_samples, data.max_test_samples],
-            }
+        # kept whatever data.class_weights says (it is no part of the key); restore_assets applies them
+        weights = self.balanced_weights(tables["train"]).tolist() if "train" in tables else None
+        if weights is not None and self.config.data.class_weights != "none":
+            log.info("class weights: %s", dict(zip(labels, weights, strict=True)))
+        encode = functools.partial(
+            encode_texts,
+            tokenizer=tokenizer,
+            label2id={label: i for i, label in enumerate(labels)},
+            max_length=self.config.data.max_length,
+            markers=self.markers,
         )
-        encoders = [
-            (split, lambda t=table, s=split: self.encode(t, tokenizer, label2id, s))
-            for split, table in tables.items()
-        ]
-        cache_dir = Path(data.cache_dir).expanduser() if data.cache_dir else default_cache_dir()
-        weights = None if self.class_weights is None else self.class_weights.tolist()
-        return prepare(
-            cache_dir,
-            key,
-            encoders,
-            labels=labels,
-            shard_rows=data.shard_rows,
-            meta={"class_weights": weights},
-        )
+        plans = [SplitPlan(split, table, encode) for split, table in tables.items()]
+        return Preparation(plans, labels, meta={"class_weights": weights})
 
     def encode(
         self, table: pa.Table, tokenizer: Any, label2id: dict[str, int] | None, split: str = "input"
     ) -> tuple[pa.Table, SplitStats]:
         """Tokenize texts (and pairs); ``label_ids`` only when ``label2id`` is given."""
-        texts = table.column("text").to_pylist()
-        pairs = table.column("text_pair").to_pylist() if "text_pair" in table.column_names else None
-        keep_types = "token_type_ids" in tokenizer.model_input_names
-        marker_ids = set(tokenizer.convert_tokens_to_ids(self.markers))
-        columns: dict[str, list] = {"input_ids": [], "token_type_ids": []}
-        stats, markers_cut = SplitStats(examples=len(texts)), 0
-        for start in range(0, len(texts), ENCODE_CHUNK):
-            chunk_pairs = pairs[start : start + ENCODE_CHUNK] if pairs else None
-            encoding = tokenizer(
-                texts[start : start + ENCODE_CHUNK],
-                chunk_pairs,
-                truncation=True,
-                max_length=self.config.data.max_length,
-            )
-            for i, ids in enumerate(encoding["input_ids"]):
-                columns["input_ids"].append(ids)
-                if keep_types:
-                    columns["token_type_ids"].append(encoding["token_type_ids"][i])
-                stats.truncated_examples += bool(encoding.encodings[i].overflowing)
-                markers_cut += bool(marker_ids - set(ids))
-                stats.tokens += len(ids)
-        int_list = pa.list_(pa.int32())
-        out = {
-            "example_id": pa.array(np.arange(len(texts)), pa.int64()),
-            "input_ids": pa.array(columns["input_ids"], int_list),
-        }
-        if keep_types:
-            out["token_type_ids"] = pa.array(columns["token_type_ids"], int_list)
-        if label2id is not None:
-            ids = [[label2id[label] for label in labels] for labels in table.column("labels").to_pylist()]
-            out["label_ids"] = pa.array(ids, int_list)
-        out["length"] = pa.array([len(ids) for ids in columns["input_ids"]], pa.int32())
-        out["line"] = table.column("line")
-        stats.extra = {"truncated_examples": stats.truncated_examples, "markers_cut": markers_cut}
-        stats.truncated_examples = 0  # SplitStats.describe words truncation for NER; reported here instead
-        if stats.extra["truncated_examples"] or markers_cut:
+        encoded, stats = encode_texts(table, tokenizer, label2id, self.config.data.max_length, self.markers)
+        self._warn_truncation(split, stats)
+        return encoded, stats
+
+    def _warn_truncation(self, split: str, stats: SplitStats) -> None:
+        cut, markers_cut = stats.extra.get("truncated_examples", 0), stats.extra.get("markers_cut", 0)
+        if cut or markers_cut:
             log.warning(
                 "%s: %d examples truncated to data.max_length=%d (%d lost an entity marker); raise "
                 "data.max_length to keep them whole",
                 split,
-                stats.extra["truncated_examples"],
+                cut,
                 self.config.data.max_length,
                 markers_cut,
             )
-        return pa.table(out), stats
 
     def collate(self, rows: list[dict[str, Any]], with_meta: bool = False) -> Batch:
         """Dynamic padding; ``labels`` are ids (single-label) or a 0/1 float matrix (multi-label)."""

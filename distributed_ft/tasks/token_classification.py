@@ -6,7 +6,7 @@ off by ``data.max_length`` is predicted ``O`` (and counted), so the score covers
 
 from __future__ import annotations
 
-from pathlib import Path
+import functools
 from typing import Any, ClassVar
 
 import numpy as np
@@ -21,18 +21,16 @@ from distributed_ft.config.schema import JobConfig
 from distributed_ft.data import readers
 from distributed_ft.data.builtin import resolve
 from distributed_ft.data.prepare import (
+    Preparation,
     PreparedDataset,
+    SplitPlan,
     SplitStats,
-    default_cache_dir,
-    fingerprint,
-    hash_files,
-    hash_tokenizer,
     limit_split,
-    prepare,
 )
 from distributed_ft.data.sources import Batch, pad_sequences
 from distributed_ft.errors import DataError
 from distributed_ft.modeling.build import build_model
+from distributed_ft.tasks.base import cached, input_key
 from distributed_ft.tasks.losses import token_count, token_cross_entropy_sum
 
 IGNORE = -100
@@ -82,8 +80,13 @@ def encode_sentences(
     label2id: dict[str, int] | None,
     max_length: int,
     continuation: list[int] | None = None,
+    *,
+    first: int = 0,
 ) -> tuple[pa.Table, SplitStats]:
-    """Tokenize the ``tokens`` of a reader table and align its ``tags`` (when ``label2id`` is given)."""
+    """Tokenize the ``tokens`` of a reader table and align its ``tags`` (when ``label2id`` is given).
+
+    ``first`` is the split index of the table's first row (rows of a chunk keep their split's example ids).
+    """
     tokens = table.column("tokens").to_pylist()
     tags = table.column("tags").to_pylist() if label2id and "tags" in table.column_names else None
     columns: dict[str, list] = {"input_ids": [], "labels": [], "word_starts": [], "word_labels": []}
@@ -107,7 +110,7 @@ def encode_sentences(
     int_list = pa.list_(pa.int32())
     prepared = pa.table(
         {
-            "example_id": pa.array(np.arange(len(tokens)), pa.int64()),
+            "example_id": pa.array(np.arange(first, first + len(tokens)), pa.int64()),
             **{name: pa.array(values, int_list) for name, values in columns.items()},
             "length": pa.array([len(ids) for ids in columns["input_ids"]], pa.int32()),
             "line": table.column("line"),
@@ -148,15 +151,41 @@ class TokenClassificationTask:
             tag_scheme=data.tag_scheme,
         )
 
-    def prepare_data(
-        self, tokenizer: Any, splits: dict[str, str], labels: list[str] | None = None
-    ) -> PreparedDataset:
-        """Read every split, fix the label list from ``train``, validate the rest, encode and cache."""
-        self.pad_token_id = tokenizer.pad_token_id or 0
+    def cache_key(self, tokenizer: Any, splits: dict[str, str], labels: list[str] | None = None) -> str:
+        """Inputs by path, size and mtime, the tokenizer, given ``labels`` and the encoding options."""
         data = self.config.data
-        tables = {
-            split: limit_split(self.read(path), split, self.config.data) for split, path in splits.items()
-        }
+        return input_key(
+            self.name,
+            self.config,
+            tokenizer,
+            splits,
+            labels,
+            label_all_subtokens=data.label_all_subtokens,
+            reader=[data.format, data.tokens_column, data.tags_column, data.conll_tag_column],
+            scheme=data.tag_scheme,
+        )
+
+    def prepare_data(
+        self,
+        tokenizer: Any,
+        splits: dict[str, str],
+        labels: list[str] | None = None,
+        key: str | None = None,
+    ) -> PreparedDataset:
+        """The cached encoding of the splits; on a miss they are read, validated and encoded first."""
+        self.pad_token_id = tokenizer.pad_token_id or 0
+        return cached(
+            self.config,
+            key or self.cache_key(tokenizer, splits, labels),
+            lambda: self.preparation(tokenizer, splits, labels),
+        )
+
+    def preparation(
+        self, tokenizer: Any, splits: dict[str, str], labels: list[str] | None = None
+    ) -> Preparation:
+        """Read every split, fix the label list from ``train``, validate the rest; the encoding to run."""
+        data = self.config.data
+        tables = {split: limit_split(self.read(path), split, data) for split, path in splits.items()}
         if labels is None:
             if "train" not in tables:
                 raise DataError("data.train is needed to fix the label set")
@@ -164,27 +193,14 @@ class TokenClassificationTask:
         for split, table in tables.items():
             if split != "train":
                 readers.validate_tags(table, set(labels), resolve(splits[split]))
-        label2id = {label: i for i, label in enumerate(labels)}
-        continuation = continuation_labels(labels) if data.label_all_subtokens else None
-        key = fingerprint(
-            {
-                "task": self.name,
-                "files": {split: hash_files(resolve(path)) for split, path in splits.items()},
-                "tokenizer": hash_tokenizer(tokenizer),
-                "labels": labels,
-                "max_length": data.max_length,
-                "label_all_subtokens": data.label_all_subtokens,
-                "reader": [data.format, data.tokens_column, data.tags_column, data.conll_tag_column],
-                "scheme": data.tag_scheme,
-                "limits": [data.max_train_samples, data.max_eval_samples, data.max_test_samples],
-            }
+        encode = functools.partial(
+            encode_sentences,
+            tokenizer=tokenizer,
+            label2id={label: i for i, label in enumerate(labels)},
+            max_length=data.max_length,
+            continuation=continuation_labels(labels) if data.label_all_subtokens else None,
         )
-        encoders = [
-            (split, lambda t=table: encode_sentences(t, tokenizer, label2id, data.max_length, continuation))
-            for split, table in tables.items()
-        ]
-        cache_dir = Path(data.cache_dir).expanduser() if data.cache_dir else default_cache_dir()
-        return prepare(cache_dir, key, encoders, labels=labels, shard_rows=data.shard_rows)
+        return Preparation([SplitPlan(split, table, encode) for split, table in tables.items()], labels)
 
     def collate(self, rows: list[dict[str, Any]], with_meta: bool = False) -> Batch:
         """Dynamic padding to the longest example of the batch."""

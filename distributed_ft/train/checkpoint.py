@@ -92,18 +92,25 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 _OWNER = re.compile(r"(?:zero_pp_rank_|rng-rank)(\d+)")
 
 
-def owned_files(checkpoint: Path, rank: int) -> list[Path]:
-    """The files of ``checkpoint`` that ``rank`` wrote (relative paths).
+def file_owner(name: str) -> int | None:
+    """The rank whose shard a checkpoint file is, or ``None`` for a file every rank reads.
 
     DeepSpeed names each rank's shards ``*zero_pp_rank_R_*``, and RNG states are ``rng-rankR.pt``;
-    everything else (model states of stages 0-2, metadata, run state) is rank 0's.
+    everything else (model states of stages 0-2, metadata, run state) is written by rank 0 and read by all.
     """
-    owned = []
-    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
-        match = _OWNER.search(path.name)
-        if (int(match.group(1)) if match else 0) == rank:
-            owned.append(path.relative_to(checkpoint))
-    return owned
+    match = _OWNER.search(Path(name).name)
+    return int(match.group(1)) if match else None
+
+
+def owned_files(checkpoint: Path, rank: int) -> list[Path]:
+    """The files of ``checkpoint`` that ``rank`` wrote (relative paths)."""
+    files = sorted(p.relative_to(checkpoint) for p in checkpoint.rglob("*") if p.is_file())
+    return [path for path in files if (file_owner(path.name) or 0) == rank]
+
+
+def needed_files(names: list[str], rank: int) -> list[str]:
+    """The files of a checkpoint (relative names) that ``rank`` reads to resume: shared ones and its own."""
+    return [name for name in names if file_owner(name) in (None, rank)]
 
 
 def is_complete(directory: Path) -> bool:

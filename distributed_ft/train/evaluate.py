@@ -11,7 +11,7 @@ from distributed_ft.data.sources import ArrowBatchSource
 from distributed_ft.engine.base import Engine
 from distributed_ft.runtime.context import RuntimeContext
 from distributed_ft.runtime.tracking import Progress
-from distributed_ft.tasks.base import Task
+from distributed_ft.tasks.base import Generates, Task
 from distributed_ft.train.step import model_inputs, to_device
 
 
@@ -63,8 +63,8 @@ def evaluate(
         last_batch = batch
     for _ in range(most_batches - len(source)):
         engine.forward(model_inputs(last_batch if last_batch is not None else _any_batch(split, task)))
-    samples = getattr(task, "generate_samples", None)  # every rank generates (ZeRO-3 forwards are collective)
-    generated = samples(engine.module, split) if samples is not None else None
+    # every rank generates (ZeRO-3 forwards are collective)
+    generated = task.generate_samples(engine.module, split) if isinstance(task, Generates) else None
     engine.train(True)
     loss_sum, loss_weight = torch.stack([loss_sum, loss_weight]).tolist()
     gathered = context.all_gather_object((predictions, loss_sum, loss_weight))

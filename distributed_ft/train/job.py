@@ -14,11 +14,11 @@ from transformers import set_seed
 from distributed_ft.config.load import dump_config
 from distributed_ft.config.schema import JobConfig
 from distributed_ft.data.prepare import PreparedDataset
-from distributed_ft.errors import ConfigError
+from distributed_ft.errors import ConfigError, DftError
 from distributed_ft.modeling.build import load_tokenizer
 from distributed_ft.runtime.context import RuntimeContext
 from distributed_ft.tasks import get_task
-from distributed_ft.tasks.base import Task
+from distributed_ft.tasks.base import PreparesTokenizer, Task
 
 log = logging.getLogger("distributed_ft")
 
@@ -61,19 +61,42 @@ def data_splits(config: JobConfig, needed: tuple[str, ...] = ("train",)) -> dict
 def prepare_data_once(
     task: Task, tokenizer: Any, splits: dict[str, str], labels: list[str] | None, context: RuntimeContext
 ) -> PreparedDataset:
-    """Rank 0 prepares (or finds) the cached shards first; the other ranks then read the same cache."""
-    prepared = None
+    """Every rank gets the prepared data; one process per cache directory encodes it.
+
+    Rank 0 computes the cache key (a ``stat`` of the inputs, nothing is read) and broadcasts it: the only
+    collective, before any work. Every rank then prepares under that key: on a miss the process that takes
+    the key's lock encodes and the others wait for its manifest on the filesystem, so a long preparation
+    never sits inside a collective (whose timeout it could exceed). Rank 0's failure to compute the key is
+    raised on every rank.
+    """
+    key: str | None = None
+    failure: Exception | None = None
     if context.is_main:
-        started = time.perf_counter()
-        prepared = task.prepare_data(tokenizer, splits, labels)
-        how = "reused cache" if prepared.reused else f"prepared in {time.perf_counter() - started:.1f} s"
+        try:
+            key = task.cache_key(tokenizer, splits, labels)
+        except Exception as exc:
+            failure = exc
+    key, error = context.broadcast_object((key, _shareable(failure)))
+    if failure is not None:
+        raise failure
+    if error is not None:
+        raise error
+    started = time.perf_counter()
+    prepared = task.prepare_data(tokenizer, splits, labels, key=key)
+    if context.is_main:
+        seconds = time.perf_counter() - started
+        how = f"cache ready after {seconds:.1f} s" if prepared.reused else f"prepared in {seconds:.1f} s"
         log.info("data: %s (%s)", prepared.directory, how)
         for name, split in prepared.splits.items():
             log.info("  %s", split.stats.describe(name))
-    context.barrier()
-    if not context.is_main:
-        prepared = task.prepare_data(tokenizer, splits, labels)
     return prepared
+
+
+def _shareable(error: Exception | None) -> Exception | None:
+    """``error`` as the other ranks can unpickle it: our own errors as they are, others as a summary."""
+    if error is None or isinstance(error, DftError):
+        return error
+    return RuntimeError(f"rank 0 could not compute the data cache key: {type(error).__name__}: {error}")
 
 
 def build_job(
@@ -91,9 +114,8 @@ def build_job(
     set_seed(config.train.seed)
     tokenizer = load_tokenizer(config.model.name, config.model.revision)
     task = get_task(config)
-    prepare_tokenizer = getattr(task, "prepare_tokenizer", None)
-    if prepare_tokenizer is not None:  # e.g. entity-marker tokens, also when Ray delivers the data
-        prepare_tokenizer(tokenizer)
+    if isinstance(task, PreparesTokenizer):  # e.g. entity-marker tokens, also when Ray delivers the data
+        task.prepare_tokenizer(tokenizer)
     if data is None:
         data = prepare_data_once(task, tokenizer, data_splits(config), None, context)
     task.restore_assets(data.meta)  # e.g. class weights, also where the data was prepared elsewhere

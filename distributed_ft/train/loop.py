@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from distributed_ft.config.schema import JobConfig
-from distributed_ft.data.prepare import PreparedDataset
-from distributed_ft.data.sources import ArrowBatchSource
+from distributed_ft.data.prepare import PreparedDataset, PreparedSplit
+from distributed_ft.data.shards import ShardedBatchSource
 from distributed_ft.engine import build_engine
 from distributed_ft.engine.base import Engine
 from distributed_ft.errors import Preempted
@@ -31,6 +31,7 @@ from distributed_ft.modeling.peft import (
 )
 from distributed_ft.runtime.context import RuntimeContext, describe_device
 from distributed_ft.runtime.tracking import MetricsLogger, Progress
+from distributed_ft.tasks.base import Task
 from distributed_ft.train.checkpoint import CheckpointManager, RunState, agree_on_resume
 from distributed_ft.train.evaluate import evaluate
 from distributed_ft.train.job import Job, build_job
@@ -42,39 +43,65 @@ PREFETCH_DEPTH = 2
 """Training batches a background thread keeps collated (and pinned, on CUDA) ahead of the step."""
 
 
+def training_source(
+    config: JobConfig,
+    task: Task,
+    split: PreparedSplit,
+    rank: int = 0,
+    world_size: int = 1,
+    *,
+    prefetch: int = 0,
+    pin_memory: bool = False,
+) -> ShardedBatchSource:
+    """The training batches of ``rank``: its share of each epoch, streamed from the split's shards.
+
+    The one definition of the training order; benchmarks replay it to count tokens per step.
+    """
+    return ShardedBatchSource(
+        split.shard_reader(),
+        task.collate,
+        config.train.batch_size,
+        group_by_length=config.data.group_by_length,
+        seed=config.train.seed,
+        rank=rank,
+        world_size=world_size,
+        prefetch=prefetch,
+        pin_memory=pin_memory,
+    )
+
+
 def train(
-    config: JobConfig, context: RuntimeContext, name: str = "job", data: PreparedDataset | None = None
+    config: JobConfig,
+    context: RuntimeContext,
+    name: str = "job",
+    data: PreparedDataset | None = None,
+    engine: Engine | None = None,
 ) -> dict[str, Any]:
     """Train, evaluate, keep the best checkpoint, test it and export it; returns ``results.json``.
 
-    ``data`` is the prepared dataset when an orchestrator delivers it (Ray Data); otherwise it is prepared
-    (or found in the cache) here.
+    ``data`` is the prepared dataset when an orchestrator delivers it (Ray's object store); otherwise it is
+    prepared (or found in the cache) here. ``engine`` replaces the configured one (benchmarks wrap it).
     """
-    engine = build_engine(config, context)  # first: a conflicting DeepSpeed JSON fails before any write
+    # first: a conflicting DeepSpeed JSON fails before any write
+    engine = engine if engine is not None else build_engine(config, context)
     job = build_job(config, context, name, data)
     config, task, data = job.config, job.task, job.data
     train_cfg, progress = config.train, Progress(config.run.progress, context)
     metrics_log = MetricsLogger(job.run_dir, context)
     log.info("device: %s", describe_device(context.device))
 
-    source = ArrowBatchSource(
-        data.splits["train"].read(),
-        task.collate,
-        train_cfg.batch_size,
-        shuffle=True,
-        group_by_length=config.data.group_by_length,
-        seed=train_cfg.seed,
-        rank=context.rank,
-        world_size=context.world_size,
+    source = training_source(
+        config,
+        task,
+        data.splits["train"],
+        context.rank,
+        context.world_size,
         prefetch=PREFETCH_DEPTH,
         pin_memory=context.device.type == "cuda",
     )
     steps_per_epoch = math.ceil(len(source) / train_cfg.grad_accum)
     total_steps = train_cfg.max_steps or math.ceil(train_cfg.epochs * steps_per_epoch)
-    if source.dropped_examples:
-        log.info(
-            "train: %d examples per epoch left out so every rank takes equal batches", source.dropped_examples
-        )
+    log.info("train: %s", source.describe())
 
     with engine.model_construction(model_hidden_size(config.model)):  # ZeRO-3: built partitioned
         model = apply_peft(task.build_model(job.labels), config)

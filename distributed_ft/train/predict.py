@@ -19,6 +19,7 @@ from distributed_ft.runtime import storage
 from distributed_ft.runtime.context import RuntimeContext
 from distributed_ft.runtime.tracking import Progress
 from distributed_ft.tasks import get_task
+from distributed_ft.tasks.base import Generates
 from distributed_ft.train.evaluate import evaluate
 from distributed_ft.train.job import prepare_data_once
 
@@ -108,9 +109,8 @@ def predict_file(
     engine.train(False)
     import torch
 
-    generate = getattr(task, "generate", None)  # generative tasks decode instead of one forward pass
-    if generate is not None:
-        predictions = generate(engine.module, encoded, config.eval.batch_size, progress)
+    if isinstance(task, Generates):  # generative tasks decode instead of one forward pass
+        predictions = task.generate(engine.module, encoded, config.eval.batch_size, progress)
     else:
         with torch.no_grad():
             for batch in progress.wrap(iter(source), total=len(source), desc="predict"):

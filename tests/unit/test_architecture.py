@@ -50,3 +50,19 @@ def test_importing_the_package_and_cli_loads_no_heavy_dependency():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_optional_task_capabilities_are_declared_protocols():
+    """Callers test ``isinstance(task, Capability)``; no ``getattr`` probes for task methods."""
+    import importlib
+
+    from distributed_ft.tasks import TASKS
+    from distributed_ft.tasks.base import Generates, PreparesTokenizer
+
+    classes = {name: getattr(importlib.import_module(m), c) for name, (m, c) in TASKS.items()}
+    generates = {name for name, cls in classes.items() if issubclass(cls, Generates)}
+    marks = {name for name, cls in classes.items() if issubclass(cls, PreparesTokenizer)}
+    assert generates == {"causal_lm"}
+    assert marks == {"causal_lm", "sequence_classification"}
+    for path in (PACKAGE / "train").glob("*.py"):
+        assert 'getattr(task, "' not in path.read_text(), f"{path.name} probes a task with getattr"

@@ -51,7 +51,7 @@ def test_every_experiment_file_loads_and_its_job_config_validates(name, smoke):
 
 
 def test_the_expected_experiments_exist():
-    expected = {"loops", "orchestration", "zero", "data_pipeline", "scaling", "zero3_load"}
+    expected = {"loops", "orchestration", "zero", "data_pipeline", "scaling", "zero3_load", "data_scale"}
     assert expected <= set(runner.experiment_names())
 
 
@@ -165,6 +165,24 @@ def test_data_pipeline_smoke_through_dft_bench(bench_cache, tmp_path, capsys):
     reused = {r["variant"]: r["reused"] for r in payload["records"] if "reused" in r}
     assert reused == {"prepare cold": False, "prepare cached": True}
     assert payload["ratios"][0]["value"] > 1  # batches are produced faster than a step consumes them
+
+
+def test_data_scale_smoke(bench_cache, tmp_path):
+    """The quick variant (``python -m benchmarks.data_scale --quick``): 1x and 2x, num_proc 1 and 2."""
+    payload = _smoke("data_scale", tmp_path)
+    assert not payload["failures"], payload["failures"]
+    runs = {(r["scale"], r["num_proc"]): r for r in payload["records"]}
+    assert set(runs) == {(1, 1), (1, 2), (2, 1), (2, 2)}
+    for run in runs.values():
+        assert not run["reused"] and run["sentences_per_s"] > 0 and run["peak_rss_bytes"] > 0
+    assert runs[(2, 1)]["examples"] == 2 * runs[(1, 1)]["examples"] == 2 * runs[(1, 2)]["examples"]
+    assert len(payload["ratios"]) == 4  # num_proc speed-up per scale, rank memory growth per mode
+    for scale in (1, 2):  # 2 ranks: each reads half the split when sharded, all of it otherwise
+        ranks = [r for r in payload["rank_records"] if r["scale"] == scale]
+        sharded = sum(r["rows_read"] for r in ranks if r["mode"] == "sharded")
+        whole = {r["rows_read"] for r in ranks if r["mode"] == "whole"}
+        assert sharded <= runs[(scale, 1)]["examples"] and whole == {runs[(scale, 1)]["examples"]}
+        assert sharded > runs[(scale, 1)]["examples"] - 2 * 32  # only the uneven tail is left out
 
 
 @pytest.mark.multiproc
