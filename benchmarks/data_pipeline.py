@@ -56,13 +56,13 @@ def training_pass(config: Any, task: Any, split: Any, labels: list[str], steps: 
     import torch
 
     from distributed_ft.engine import build_engine
-    from distributed_ft.modeling.peft import apply_peft
     from distributed_ft.runtime.context import LocalContext
+    from distributed_ft.train.job import build_model
 
     context = LocalContext()
     torch.manual_seed(config.train.seed)
-    model = apply_peft(task.build_model(labels), config)
     engine = build_engine(config, context)
+    model = build_model(config, task, labels, engine)
     engine.prepare(model, total_steps=steps)
     engine.train(True)
     recorder = StepRecorder()
@@ -86,9 +86,7 @@ def training_pass(config: Any, task: Any, split: Any, labels: list[str], steps: 
 def run(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
     import transformers
 
-    from distributed_ft.modeling.build import load_tokenizer
-    from distributed_ft.tasks import get_task
-    from distributed_ft.train.job import data_splits
+    from distributed_ft.train.job import data_splits, load_task
 
     transformers.logging.set_verbosity_error()
     params = spec["params"]
@@ -99,7 +97,6 @@ def run(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
     repeats = int(params.get("repeats", 2))
     steps, warmup = int(params.get("train_steps", 20)), int(params.get("warmup_steps", 3))
     config = job_config(spec["job"])
-    tokenizer = load_tokenizer(config.model.name)
     records: list[dict[str, Any]] = []
 
     # prepare: cold then cached, per repeat (a fresh cache directory each repeat)
@@ -107,7 +104,7 @@ def run(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
     prepared = None
     for rep in range(repeats):
         cold_config = job_config(spec["job"], f"data.cache_dir={workdir / f'cache-{rep}'}")
-        task = get_task(cold_config)
+        tokenizer, task = load_task(cold_config)
         for variant in ("cold", "cached"):
             started = time.perf_counter()
             prepared = task.prepare_data(tokenizer, splits)
@@ -124,8 +121,7 @@ def run(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
                 }
             )
     assert prepared is not None
-    task = get_task(config)
-    task.pad_token_id = tokenizer.pad_token_id or 0
+    tokenizer, task = load_task(config)
     started = time.perf_counter()
     split = prepared.splits["train"]
     read_seconds = time.perf_counter() - started

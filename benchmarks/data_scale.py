@@ -120,12 +120,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Prepare ``spec["train"]`` cold in this process; seconds, counts and memory."""
     import resource
 
-    from distributed_ft.modeling.build import load_tokenizer
-    from distributed_ft.tasks import get_task
+    from distributed_ft.train.job import load_task
 
     config = job_config(spec["job"], *spec["extra"])
-    tokenizer = load_tokenizer(config.model.name)
-    task = get_task(config)
+    tokenizer, task = load_task(config)
     with ChildMemory() as children:
         started = time.perf_counter()
         prepared = task.prepare_data(tokenizer, {"train": spec["train"]})

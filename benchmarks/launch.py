@@ -152,9 +152,7 @@ def measure(raw: dict[str, Any], tokens: dict[str, list[int]], warmup: int, work
 
 def run(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Launch every variant ``repeats`` times (ABBA) and compare."""
-    from distributed_ft.modeling.build import load_tokenizer
-    from distributed_ft.tasks import get_task
-    from distributed_ft.train.job import data_splits
+    from distributed_ft.train.job import data_splits, load_task
 
     params = spec["params"]
     variants: dict[str, dict[str, Any]] = params["variants"]
@@ -162,8 +160,8 @@ def run(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
     timeout = float(params.get("timeout_s", 600))
     job = spec["job"]
     config = job_config(job)
-    task = get_task(config)
-    prepared = task.prepare_data(load_tokenizer(config.model.name), data_splits(config))  # warm the cache
+    tokenizer, task = load_task(config)
+    prepared = task.prepare_data(tokenizer, data_splits(config))  # warm the cache
     peak = peak_flops()
     records, failures, raws = [], [], []
     floors = []

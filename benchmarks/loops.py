@@ -240,10 +240,8 @@ def run(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
     import torch
     import transformers
 
-    from distributed_ft.modeling.build import load_tokenizer
     from distributed_ft.runtime.context import LocalContext
-    from distributed_ft.tasks import get_task
-    from distributed_ft.train.job import data_splits
+    from distributed_ft.train.job import data_splits, load_task
 
     transformers.logging.set_verbosity_error()
     params = spec["params"]
@@ -253,8 +251,7 @@ def run(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
         torch.set_num_threads(int(params["threads"]))
     config = job_config(spec["job"])
     context = LocalContext()
-    tokenizer = load_tokenizer(config.model.name)
-    task = get_task(config)
+    tokenizer, task = load_task(config)
     prepared = task.prepare_data(tokenizer, data_splits(config))  # ours finds it in the cache
     peak = peak_flops()
     records: list[dict[str, Any]] = []

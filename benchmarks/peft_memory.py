@@ -8,7 +8,7 @@ Usage::
     .venv/bin/python benchmarks/peft_memory.py [--model builtin:minilm-l6] [--steps 4]
 
 Each (method, stage) pair runs under ``torchrun --nproc_per_node 2`` this same file with ``--worker``: it
-builds the NER model the library builds (``task.build_model`` + ``apply_peft``), hands it to the
+builds the NER model the library builds (``train.job.build_model``), hands it to the
 library's ``DeepSpeedEngine``, takes a few optimizer steps on synthetic batches and records, per rank,
 ``engine.state_bytes()`` (bytes counted from the tensors the rank holds), the frozen and trainable
 parameter bytes held vs their full size, RSS and step time. Results go to
@@ -56,10 +56,11 @@ def worker(args: argparse.Namespace) -> None:
 
     from distributed_ft.config.load import validate
     from distributed_ft.engine import build_engine
-    from distributed_ft.modeling.peft import apply_peft, parameter_report
+    from distributed_ft.modeling.peft import parameter_report
     from distributed_ft.planning.validate import peak_rss_bytes, rss_bytes
     from distributed_ft.runtime.context import create_context
     from distributed_ft.tasks import get_task
+    from distributed_ft.train.job import build_model
 
     context = create_context()
     config = validate(
@@ -73,9 +74,9 @@ def worker(args: argparse.Namespace) -> None:
         }
     )
     torch.manual_seed(0)
-    model = apply_peft(get_task(config).build_model(NER_LABELS), config)
-    report = parameter_report(model, args.method, config.task)
     engine = build_engine(config, context)
+    model = build_model(config, get_task(config), NER_LABELS, engine)
+    report = parameter_report(model, args.method, config.task)
     engine.prepare(model, total_steps=args.steps)
     generator = torch.Generator().manual_seed(context.rank)
     vocab = model.get_input_embeddings().num_embeddings

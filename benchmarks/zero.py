@@ -51,6 +51,7 @@ def worker(spec_path: Path, out_path: Path) -> None:
     from distributed_ft.planning.validate import validate_plan
     from distributed_ft.runtime.context import create_context
     from distributed_ft.tasks import get_task
+    from distributed_ft.train.job import build_model
 
     transformers.logging.set_verbosity_error()
     spec = json.loads(spec_path.read_text())
@@ -63,12 +64,13 @@ def worker(spec_path: Path, out_path: Path) -> None:
         torch.manual_seed(0)
         started = time.perf_counter()
         try:
+            task, engine = get_task(config), build_engine(config, context)
             report = validate_plan(
                 config,
                 context,
-                build_engine=build_engine,
-                task=get_task(config),
-                labels=params.get("labels"),
+                engine=engine,
+                model=build_model(config, task, params.get("labels"), engine),
+                task=task,
                 steps=int(params.get("steps", 4)),
                 reference=deepspeed_estimate,
             )

@@ -220,15 +220,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     """``dft data prepare``: read, validate, tokenize and cache the data of a job."""
     from distributed_ft.config import load_config
-    from distributed_ft.modeling.build import load_tokenizer
-    from distributed_ft.tasks import get_task
-    from distributed_ft.train.job import data_splits, prepare_data_once
+    from distributed_ft.train.job import data_splits, load_task, prepare_data_once
 
     config, _ = load_config(*_job_source(args))
     context, setup_logging = _context()
     setup_logging(context, args.verbose)
-    tokenizer = load_tokenizer(config.model.name, config.model.revision)
-    prepared = prepare_data_once(get_task(config), tokenizer, data_splits(config), None, context)
+    tokenizer, task = load_task(config)
+    prepared = prepare_data_once(task, tokenizer, data_splits(config), None, context)
     print(prepared.directory)
     return 0
 
@@ -268,15 +266,18 @@ def _validate_plan(config, args: argparse.Namespace) -> int:
     from distributed_ft.engine import build_engine
     from distributed_ft.planning.validate import validate_plan
     from distributed_ft.tasks import get_task
+    from distributed_ft.train.job import build_model
 
     context, setup_logging = _context(config)
     setup_logging(context, args.verbose)
     estimator = _benchmarks_module("benchmarks.ds_estimator")  # DeepSpeed's own estimator, when present
+    task, engine = get_task(config), build_engine(config, context)
     report = validate_plan(
         config,
         context,
-        build_engine=build_engine,
-        task=get_task(config),
+        engine=engine,
+        model=build_model(config, task, None, engine),
+        task=task,
         steps=args.validate_steps,
         reference=getattr(estimator, "deepspeed_estimate", None),
     )

@@ -230,18 +230,16 @@ def train_on_ray(config: JobConfig, name: str) -> tuple[dict[str, Any], str]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from distributed_ft.modeling.build import load_tokenizer
     from distributed_ft.runtime.context import LocalContext
     from distributed_ft.runtime.tracking import setup_logging
-    from distributed_ft.tasks import get_task
-    from distributed_ft.train.job import data_splits, resolve_run_dir
+    from distributed_ft.train.job import data_splits, load_task, resolve_run_dir
 
     driver = LocalContext()
     setup_logging(driver)
     run_dir = resolve_run_dir(config, name, driver).resolve()
     config = config.model_copy(update={"run": config.run.model_copy(update={"output_dir": str(run_dir)})})
-    tokenizer = load_tokenizer(config.model.name, config.model.revision)
-    prepared = get_task(config).prepare_data(tokenizer, data_splits(config))
+    tokenizer, task = load_task(config)
+    prepared = task.prepare_data(tokenizer, data_splits(config))
     log.info("data: %s (%s)", prepared.directory, "reused cache" if prepared.reused else "prepared")
 
     run = config.run

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
+import logging
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,9 @@ from pydantic import BaseModel, ValidationError
 from distributed_ft.config.schema import JobConfig
 from distributed_ft.errors import ConfigError
 
+log = logging.getLogger("distributed_ft")
 DEFAULT_RECIPE = "ner-conll2003"
+SPLITS = ("train", "validation", "test")
 
 
 def recipe_names() -> list[str]:
@@ -68,8 +72,8 @@ def _closest_key(key: str) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def apply_override(raw: dict[str, Any], assignment: str) -> None:
-    """Apply one ``a.b.c=value`` override to the raw mapping; the value is parsed as YAML."""
+def apply_override(raw: dict[str, Any], assignment: str) -> str:
+    """Apply one ``a.b.c=value`` override to the raw mapping (value parsed as YAML); returns the key."""
     key, sep, value = assignment.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {assignment!r} is not of the form key=value (e.g. train.lr=3e-5)")
@@ -81,6 +85,43 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
             raise ConfigError(f"override {assignment!r}: {part!r} is a value, not a section")
         node = child
     node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    return ".".join(parts)
+
+
+def _as_unit(raw: dict[str, Any], source: dict[str, Any], given: set[str]) -> list[str]:
+    """Drop what of the source belongs with a part the overrides replaced; the notes saying what went.
+
+    A new ``data.train`` is a new data set: the source's other splits the overrides do not set are dropped.
+    A new ``task`` also drops the source's splits and its ``eval.metric`` (unless set): they belong to the
+    source's task (the metric becomes the new task's default).
+    """
+    notes = []
+    data, source_data = raw.get("data") or {}, source.get("data") or {}
+    source_task = source.get("task", JobConfig.model_fields["task"].default)
+    new_task = "task" in given and raw.get("task") != source_task
+    if new_task:
+        reason = f"task={raw.get('task')} replaces the recipe's {source_task}"
+        splits = SPLITS
+    elif "data.train" in given and data.get("train") != source_data.get("train"):
+        reason, splits = "data.train is overridden", SPLITS[1:]
+    else:
+        return notes
+    dropped = [
+        f"data.{split}={source_data[split]}"
+        for split in splits
+        if f"data.{split}" not in given and source_data.get(split) is not None
+    ]
+    for split in splits:
+        if f"data.{split}" not in given:
+            data.pop(split, None)
+    source_metric = (source.get("eval") or {}).get("metric")
+    if new_task and "eval.metric" not in given and source_metric is not None:
+        raw["eval"].pop("metric", None)
+        dropped.append(f"eval.metric={source_metric}")
+    if dropped:
+        verb = "is" if len(dropped) == 1 else "are"
+        notes.append(f"{reason}, so the recipe's {' '.join(dropped)} {verb} dropped (set a key to keep it)")
+    return notes
 
 
 def _format_error(exc: ValidationError) -> str:
@@ -111,9 +152,13 @@ def load_config(
         The validated config and a short job name (recipe name or file stem).
     """
     raw, name = _read_source(source or DEFAULT_RECIPE)
-    for assignment in overrides:
-        apply_override(raw, assignment)
-    return validate(raw), name
+    original = copy.deepcopy(raw)
+    given = {apply_override(raw, assignment) for assignment in overrides}
+    notes = _as_unit(raw, original, given)
+    config = validate(raw)
+    for note in notes:
+        log.warning("%s", note)
+    return config, name
 
 
 def dump_config(config: JobConfig) -> str:

@@ -6,10 +6,14 @@ meaning. Unknown keys are errors (``extra="forbid"``), so a typo never silently 
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from distributed_ft.config.task_metrics import resolve_metric
+
+log = logging.getLogger("distributed_ft")
 TaskName = Literal["token_classification", "sequence_classification", "causal_lm"]
 
 
@@ -28,6 +32,10 @@ class ModelConfig(_Section):
     """Dtype the weights are loaded in (master weights; see ``train.mixed_precision`` for compute)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) when ``name`` is a hub id."""
+    reset_head: bool | Literal["auto"] = "auto"
+    """Classification tasks: ``auto`` replaces a pretrained head that does not fit this job's labels (one
+    log line); ``false`` makes such a head an error; ``true`` always starts the head afresh. causal_lm
+    has no classification head (its LM head is tied to the vocabulary): only ``auto``/``false`` there."""
 
 
 class DataConfig(_Section):
@@ -133,8 +141,9 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     """``eval.*``: the metric that picks the best checkpoint and evaluation batching."""
 
-    metric: str = "f1"
-    """Metric that drives early stopping and the best checkpoint (``loss`` is minimised, others maximised)."""
+    metric: str | None = None
+    """Metric that drives early stopping and the best checkpoint; ``null``: the task's default (f1,
+    macro_f1, loss), resolved when the config loads (see ``config/task_metrics.py``)."""
     batch_size: int = Field(64, ge=1)
     seqeval_mode: Literal["default", "strict"] = "default"
     """``strict`` scores IOB2 entities with seqeval's strict mode."""
@@ -183,7 +192,7 @@ class PeftConfig(_Section):
 
 
 class DeepSpeedConfig(_Section):
-    """``deepspeed.*``: ZeRO stage and offload when ``run.engine=deepspeed``."""
+    """``deepspeed.*``: ZeRO stage and offload; setting any of them selects ``run.engine=deepspeed``."""
 
     zero_stage: int = Field(2, ge=0, le=3)
     offload_optimizer: bool = False
@@ -199,6 +208,7 @@ class RunConfig(_Section):
     """Run directory (default ``runs/<recipe>-<timestamp>``)."""
     backend: Literal["local", "ray"] = "local"
     engine: Literal["torch", "deepspeed"] = "torch"
+    """``torch`` (plain/DDP) unless a ``deepspeed.*`` key is given: then ``deepspeed``."""
     num_workers: int = Field(1, ge=1)
     use_gpu: bool | Literal["auto"] = "auto"
     """``auto``: a GPU when one is present (the log says which device); ``true`` insists on one; ``false``
@@ -242,6 +252,41 @@ class JobConfig(_Section):
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     run: RunConfig = RunConfig()
     cluster: ClusterConfig = ClusterConfig()
+
+    @model_validator(mode="after")
+    def _resolve(self) -> JobConfig:
+        """The task's default metric, the engine a ``deepspeed.*`` key implies, the head rule."""
+        self.eval.metric = resolve_metric(self.task, self.eval.metric)
+        self._select_engine()
+        if self.task == "causal_lm" and self.model.reset_head is True:
+            raise ValueError(
+                "model.reset_head=true: causal_lm has no classification head (the LM head is tied to the "
+                "vocabulary); use auto or false"
+            )
+        return self
+
+    def _select_engine(self) -> None:
+        """A given ``deepspeed.*`` key selects ``run.engine=deepspeed``; beside an explicit torch: an error.
+
+        Keys equal to their defaults are allowed beside an explicit ``run.engine=torch``: that is how the
+        resolved ``config.yaml`` of a torch run reads.
+        """
+        given = sorted(self.deepspeed.model_fields_set)
+        if not given or self.run.engine == "deepspeed":
+            return
+        if "engine" not in self.run.model_fields_set:
+            shown = " ".join(f"deepspeed.{key}={getattr(self.deepspeed, key)}" for key in given)
+            log.warning("%s is set: using run.engine=deepspeed", shown)
+            self.run.engine = "deepspeed"
+            return
+        defaults = DeepSpeedConfig.model_fields
+        for key in given:
+            value = getattr(self.deepspeed, key)
+            if value != defaults[key].default:
+                raise ValueError(
+                    f"deepspeed.{key}={value} is set but run.engine=torch: drop one, or set "
+                    "run.engine=deepspeed"
+                )
 
     @model_validator(mode="after")
     def _check_combinations(self) -> JobConfig:

@@ -233,6 +233,9 @@ class ShardedBatchSource(PositionedSource):
         return [take_rows(pieces, start, min(start + step, end)) for start in range(0, end, step)]
 
     def _load(self, pieces: list[Piece]) -> pa.Table:
+        # hand the windows already consumed back to the OS: Arrow's allocator keeps freed pages, and a
+        # rank's memory would creep up with the number of windows (measured: +15% at 16x the rows)
+        pa.default_memory_pool().release_unused()
         table = read_pieces(self.reader, pieces)
         self.rows_read += table.num_rows
         return table

@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from distributed_ft.config.schema import JobConfig
-from distributed_ft.modeling.peft import apply_peft
 from distributed_ft.planning.memory import BufferModel, state_bytes_per_rank
 from distributed_ft.planning.planner import plan_job
 from distributed_ft.runtime.context import RuntimeContext
@@ -390,9 +389,9 @@ def validate_plan(
     config: JobConfig,
     context: RuntimeContext,
     *,
-    build_engine: Callable[[JobConfig, RuntimeContext], Any],
+    engine: Any,
+    model: nn.Module,
     task: Any,
-    labels: list[str] | None = None,
     steps: int = 3,
     reference: Reference | None = None,
 ) -> ValidationReport:
@@ -403,16 +402,14 @@ def validate_plan(
     Args:
         config: The job config (``train.batch_size`` and ``data.max_length`` set the batch shape).
         context: Where this process runs.
-        build_engine: ``distributed_ft.engine.build_engine`` (handed in: planning may not import engines).
-        task: The job's task object (``build_model``, ``loss``).
-        labels: Label names for the head (default: the model config's default head).
+        engine: The job's engine, not yet prepared (handed in: planning may not import engines).
+        model: The job's model as ``train.job.build_model`` builds it (PEFT applied, ZeRO-3 partitioned).
+        task: The job's task object (``loss_sum``, ``loss_weight``).
         steps: Optimizer steps to take (at least 2; the first two are not timed).
         reference: Another estimator to show beside the planner (DeepSpeed's; see ``benchmarks``).
     """
-    model = apply_peft(task.build_model(labels), config)
     num_labels = getattr(model.config, "num_labels", None) if config.task != "causal_lm" else None
     reference_row = reference(model, config, context.world_size) if reference else None
-    engine = build_engine(config, context)
     engine.prepare(model, total_steps=max(steps, 2))
     unwrapped = engine.module
 

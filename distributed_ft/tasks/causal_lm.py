@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distributed_ft.config.schema import JobConfig
+from distributed_ft.config.task_metrics import DEFAULT_METRICS, TASK_METRICS
 from distributed_ft.data import readers
 from distributed_ft.data.builtin import resolve
 from distributed_ft.data.prepare import (
@@ -51,7 +52,7 @@ from distributed_ft.tasks.instruction_data import (
 from distributed_ft.tasks.losses import shifted, token_count, token_cross_entropy_sum
 
 log = logging.getLogger("distributed_ft")
-METRICS = {"loss": "min", "perplexity": "min"}
+METRICS = TASK_METRICS["causal_lm"]
 """Metrics ``eval.metric`` may name, and whether each is maximised or minimised."""
 PREDICT_FORMATS = ("text", "jsonl")
 ENCODE_CHUNK = 1024
@@ -187,7 +188,7 @@ class CausalLMTask:
     """Supervised fine-tuning of a decoder on instructions or chats; scored by loss and perplexity."""
 
     name = "causal_lm"
-    default_metric = "loss"
+    default_metric = DEFAULT_METRICS["causal_lm"]
     metrics = METRICS
 
     def __init__(self, config: JobConfig) -> None:
@@ -252,12 +253,7 @@ class CausalLMTask:
 
     def cache_key(self, tokenizer: Any, splits: dict[str, str], labels: list[str] | None = None) -> str:
         """Inputs by path, size and mtime, the tokenizer, the template and the encoding options."""
-        del labels  # a causal LM has none
-        if self.config.eval.metric not in METRICS:
-            raise ConfigError(
-                f"eval.metric={self.config.eval.metric!r} is not a {self.name} metric; "
-                f"use one of {', '.join(METRICS)}"
-            )
+        del labels  # a causal LM has none (eval.metric was checked when the config loaded)
         renderer = self.prepare_tokenizer(tokenizer)
         data = self.config.data
         return input_key(

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distributed_ft.config.schema import JobConfig
+from distributed_ft.config.task_metrics import DEFAULT_METRICS, TASK_METRICS
 from distributed_ft.data import readers
 from distributed_ft.data.builtin import resolve
 from distributed_ft.data.prepare import (
@@ -48,7 +49,7 @@ from distributed_ft.tasks.classification_metrics import classification_metrics, 
 
 log = logging.getLogger("distributed_ft")
 ENCODE_CHUNK = 2048
-METRICS = {"accuracy": "max", "macro_f1": "max", "micro_f1": "max", "weighted_f1": "max", "loss": "min"}
+METRICS = TASK_METRICS["sequence_classification"]
 """Metrics ``eval.metric`` may name, and whether each is maximised or minimised."""
 PREDICT_FORMATS = ("text", "jsonl")
 
@@ -108,7 +109,7 @@ class SequenceClassificationTask:
     """Text and text-pair classification, single- or multi-label, with optional entity markers."""
 
     name = "sequence_classification"
-    default_metric = "macro_f1"
+    default_metric = DEFAULT_METRICS["sequence_classification"]
     metrics = METRICS
 
     def __init__(self, config: JobConfig) -> None:
@@ -184,13 +185,6 @@ class SequenceClassificationTask:
         out["line"] = table.column("line")
         return pa.table(out).replace_schema_metadata(table.schema.metadata)
 
-    def _check_metric(self) -> None:
-        metric = self.config.eval.metric
-        if metric not in METRICS:
-            raise ConfigError(
-                f"eval.metric={metric!r} is not a {self.name} metric; use one of {', '.join(METRICS)}"
-            )
-
     def compute_class_weights(self, train: pa.Table) -> torch.Tensor | None:
         """``balanced`` weights from the training labels (``None`` when ``data.class_weights=none``)."""
         return None if self.config.data.class_weights == "none" else self.balanced_weights(train)
@@ -210,8 +204,6 @@ class SequenceClassificationTask:
 
     def cache_key(self, tokenizer: Any, splits: dict[str, str], labels: list[str] | None = None) -> str:
         """Inputs by path, size and mtime, the tokenizer (with markers), given ``labels``, the options."""
-        if labels is None:
-            self._check_metric()
         self.prepare_tokenizer(tokenizer)
         data = self.config.data
         return input_key(

@@ -18,6 +18,7 @@ from seqeval.scheme import IOB2
 from torch import nn
 
 from distributed_ft.config.schema import JobConfig
+from distributed_ft.config.task_metrics import DEFAULT_METRICS, TASK_METRICS
 from distributed_ft.data import readers
 from distributed_ft.data.builtin import resolve
 from distributed_ft.data.prepare import (
@@ -123,15 +124,8 @@ class TokenClassificationTask:
     """NER and other word-tagging tasks."""
 
     name = "token_classification"
-    default_metric = "f1"
-    metrics: ClassVar[dict[str, str]] = {
-        "f1": "max",
-        "precision": "max",
-        "recall": "max",
-        "macro_f1": "max",
-        "token_accuracy": "max",
-        "loss": "min",
-    }
+    default_metric = DEFAULT_METRICS["token_classification"]
+    metrics: ClassVar[dict[str, str]] = TASK_METRICS["token_classification"]
     """Metrics ``eval.metric`` may name, and whether each is maximised or minimised."""
 
     def __init__(self, config: JobConfig) -> None:
@@ -150,6 +144,11 @@ class TokenClassificationTask:
             conll_tag_column=data.conll_tag_column,
             tag_scheme=data.tag_scheme,
         )
+
+    def prepare_tokenizer(self, tokenizer: Any) -> Any:
+        """Take the tokenizer's pad id for collation (also where the data was prepared elsewhere)."""
+        self.pad_token_id = tokenizer.pad_token_id or 0
+        return tokenizer
 
     def cache_key(self, tokenizer: Any, splits: dict[str, str], labels: list[str] | None = None) -> str:
         """Inputs by path, size and mtime, the tokenizer, given ``labels`` and the encoding options."""
@@ -173,7 +172,7 @@ class TokenClassificationTask:
         key: str | None = None,
     ) -> PreparedDataset:
         """The cached encoding of the splits; on a miss they are read, validated and encoded first."""
-        self.pad_token_id = tokenizer.pad_token_id or 0
+        self.prepare_tokenizer(tokenizer)
         return cached(
             self.config,
             key or self.cache_key(tokenizer, splits, labels),

@@ -10,12 +10,12 @@ from distributed_ft.config.load import load_config
 from distributed_ft.config.schema import JobConfig
 from distributed_ft.engine import build_engine
 from distributed_ft.errors import CheckpointError, ConfigError
-from distributed_ft.modeling.build import load_tokenizer, load_trained, model_hidden_size
-from distributed_ft.modeling.peft import MERGEABLE, apply_peft, merge_adapter, write_export_extras
+from distributed_ft.modeling.build import load_trained
+from distributed_ft.modeling.peft import MERGEABLE, merge_adapter, write_export_extras
 from distributed_ft.runtime import storage
 from distributed_ft.runtime.context import RuntimeContext
-from distributed_ft.tasks import get_task
 from distributed_ft.train.checkpoint import PREFIX, CheckpointManager
+from distributed_ft.train.job import build_model, load_task
 
 RUN_PARTS = ("config.yaml", "labels.json", "export", "checkpoints")
 """What an export reads from a run directory on storage."""
@@ -79,12 +79,11 @@ def export_run(
     if checkpoint is None or not checkpoint.is_dir():
         raise CheckpointError(f"no {which} checkpoint of {run_dir} (looked in {checkpoints.directory})")
     export_dir = root / "export"
-    tokenizer = load_tokenizer(str(export_dir) if export_dir.is_dir() else config.model.name)
+    tokenizer, task = load_task(config, str(export_dir) if export_dir.is_dir() else None)
     labels_file = root / "labels.json"
     labels = json.loads(labels_file.read_text()) if labels_file.is_file() else None
     engine = build_engine(config, context)
-    with engine.model_construction(model_hidden_size(config.model)):  # ZeRO-3: built partitioned
-        model = apply_peft(get_task(config).build_model(labels), config)
+    model = build_model(config, task, labels, engine)
     engine.prepare(model, total_steps=1)
     engine.load(checkpoint, weights_only=True)
     target = Path(out)

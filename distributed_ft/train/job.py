@@ -1,4 +1,9 @@
-"""Assemble what a run needs before the loop starts: run directory, tokenizer, task, prepared data."""
+"""The one assembly path: tokenizer and task, prepared data, model (PEFT applied) and run directory.
+
+The loop, the Ray driver and workers, ``dft data prepare``, ``dft export``, ``dft plan --validate`` and the
+benchmarks build these pieces here, so a task is always rebuilt the same way: from the config plus the
+assets its preparation kept in the manifest (``Task.restore_assets``).
+"""
 
 from __future__ import annotations
 
@@ -9,18 +14,42 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torch import nn
 from transformers import set_seed
 
 from distributed_ft.config.load import dump_config
 from distributed_ft.config.schema import JobConfig
 from distributed_ft.data.prepare import PreparedDataset
+from distributed_ft.engine.base import Engine
 from distributed_ft.errors import ConfigError, DftError
-from distributed_ft.modeling.build import load_tokenizer
+from distributed_ft.modeling.build import load_tokenizer, model_hidden_size
+from distributed_ft.modeling.peft import apply_peft
 from distributed_ft.runtime.context import RuntimeContext
 from distributed_ft.tasks import get_task
 from distributed_ft.tasks.base import PreparesTokenizer, Task
 
 log = logging.getLogger("distributed_ft")
+
+
+def load_task(config: JobConfig, tokenizer_source: str | None = None) -> tuple[Any, Task]:
+    """The job's tokenizer and task, the tokenizer adapted to the task (added marker tokens, a template).
+
+    ``tokenizer_source``: a directory to load the tokenizer from instead of ``model.name`` (an export).
+    """
+    if tokenizer_source is None:
+        tokenizer = load_tokenizer(config.model.name, config.model.revision)
+    else:
+        tokenizer = load_tokenizer(tokenizer_source)
+    task = get_task(config)
+    if isinstance(task, PreparesTokenizer):  # also where the data was prepared elsewhere (Ray workers)
+        task.prepare_tokenizer(tokenizer)
+    return tokenizer, task
+
+
+def build_model(config: JobConfig, task: Task, labels: list[str] | None, engine: Engine) -> nn.Module:
+    """The task's model, PEFT applied, built inside ``engine.model_construction`` (ZeRO-3: partitioned)."""
+    with engine.model_construction(model_hidden_size(config.model)):
+        return apply_peft(task.build_model(labels), config)
 
 
 @dataclass
@@ -112,10 +141,7 @@ def build_job(
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(config))
     set_seed(config.train.seed)
-    tokenizer = load_tokenizer(config.model.name, config.model.revision)
-    task = get_task(config)
-    if isinstance(task, PreparesTokenizer):  # e.g. entity-marker tokens, also when Ray delivers the data
-        task.prepare_tokenizer(tokenizer)
+    tokenizer, task = load_task(config)
     if data is None:
         data = prepare_data_once(task, tokenizer, data_splits(config), None, context)
     task.restore_assets(data.meta)  # e.g. class weights, also where the data was prepared elsewhere

@@ -22,9 +22,7 @@ from distributed_ft.data.shards import ShardedBatchSource
 from distributed_ft.engine import build_engine
 from distributed_ft.engine.base import Engine
 from distributed_ft.errors import Preempted
-from distributed_ft.modeling.build import model_hidden_size
 from distributed_ft.modeling.peft import (
-    apply_peft,
     format_parameter_report,
     parameter_report,
     write_export_extras,
@@ -34,7 +32,7 @@ from distributed_ft.runtime.tracking import MetricsLogger, Progress
 from distributed_ft.tasks.base import Task
 from distributed_ft.train.checkpoint import CheckpointManager, RunState, agree_on_resume
 from distributed_ft.train.evaluate import evaluate
-from distributed_ft.train.job import Job, build_job
+from distributed_ft.train.job import Job, build_job, build_model
 from distributed_ft.train.step import LogWindow, StepTally, train_step, windows
 from distributed_ft.train.validation import Validation
 
@@ -103,8 +101,7 @@ def train(
     total_steps = train_cfg.max_steps or math.ceil(train_cfg.epochs * steps_per_epoch)
     log.info("train: %s", source.describe())
 
-    with engine.model_construction(model_hidden_size(config.model)):  # ZeRO-3: built partitioned
-        model = apply_peft(task.build_model(job.labels), config)
+    model = build_model(config, task, job.labels, engine)
     parameters = parameter_report(model, config.peft.method, config.task)
     log.info(format_parameter_report(parameters))
     engine.prepare(model, total_steps)

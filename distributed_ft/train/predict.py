@@ -13,15 +13,14 @@ from distributed_ft.config.schema import JobConfig
 from distributed_ft.data.sources import ArrowBatchSource
 from distributed_ft.engine.torch_engine import inference_engine
 from distributed_ft.errors import ConfigError
-from distributed_ft.modeling.build import load_tokenizer, load_trained
+from distributed_ft.modeling.build import load_trained
 from distributed_ft.modeling.peft import adapter_task, is_adapter_dir
 from distributed_ft.runtime import storage
 from distributed_ft.runtime.context import RuntimeContext
 from distributed_ft.runtime.tracking import Progress
-from distributed_ft.tasks import get_task
 from distributed_ft.tasks.base import Generates
 from distributed_ft.train.evaluate import evaluate
-from distributed_ft.train.job import prepare_data_once
+from distributed_ft.train.job import load_task, prepare_data_once
 
 log = logging.getLogger("distributed_ft")
 
@@ -60,10 +59,9 @@ def evaluate_model(
     model_dir, config = locate_model(path, overrides)
     if not config.data.test:
         raise ConfigError("no test data: pass data.test=FILE")
-    task = get_task(config)
+    tokenizer, task = load_task(config, str(model_dir))
     model = load_trained(config.task, str(model_dir))
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    tokenizer = load_tokenizer(str(model_dir))
     data = prepare_data_once(task, tokenizer, {"test": config.data.test}, labels, context)
     engine = inference_engine(model, config, context)
     progress = Progress(config.run.progress, context)
@@ -93,11 +91,9 @@ def predict_file(
         The number of examples predicted.
     """
     model_dir, config = locate_model(path, overrides)
-    task = get_task(config)
+    tokenizer, task = load_task(config, str(model_dir))
     model = load_trained(config.task, str(model_dir))
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    tokenizer = load_tokenizer(str(model_dir))
-    task.pad_token_id = tokenizer.pad_token_id or 0
     inputs = task.read_unlabeled(input_path, input_format, tokenizer)
     encoded = task.encode_unlabeled(inputs, tokenizer)
     engine = inference_engine(model, config, context)

@@ -47,6 +47,7 @@ def _worker(model: str, out: Path, work: Path) -> None:
     from distributed_ft.planning.validate import validate_plan
     from distributed_ft.runtime.context import create_context
     from distributed_ft.tasks import get_task
+    from distributed_ft.train.job import build_model
 
     transformers.logging.set_verbosity_error()
     context = create_context()
@@ -69,12 +70,13 @@ def _worker(model: str, out: Path, work: Path) -> None:
             context.barrier()
             overrides.append(f"deepspeed.config={ds_file}")
         config, _ = load_config("ner-conll2003", overrides)
+        task, engine = get_task(config), build_engine(config, context)
         report = validate_plan(
             config,
             context,
-            build_engine=build_engine,
-            task=get_task(config),
-            labels=LABELS,
+            engine=engine,
+            model=build_model(config, task, LABELS, engine),
+            task=task,
             steps=2,
             reference=deepspeed_estimate,
         )

@@ -23,13 +23,7 @@ FILLER = ["the", "said", "in", "on", "a", "with", "from", "to", "and", "of"]
 KINDS = {"PER": PER, "LOC": LOC, "ORG": ORG}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models step ~20x faster on 1 intra-op thread than on 2 when the machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _sentence(rng, kinds, first=False):

@@ -208,11 +208,11 @@ def test_reader_errors_name_file_and_line(tiny_llama, tmp_path):
 
 def test_eval_metric_must_be_a_causal_lm_metric(tiny_llama, tmp_path):
     raw = {"task": "causal_lm", "model": {"name": str(tiny_llama)}, "data": {"cache_dir": str(tmp_path)}}
-    task = CausalLMTask(validate(raw))  # eval.metric defaults to f1
+    assert validate(raw).eval.metric == "loss"  # the task's default
     with pytest.raises(
         ConfigError, match=re.escape("eval.metric='f1' is not a causal_lm metric; use one of loss")
     ):
-        task.prepare_data(load_tokenizer(str(tiny_llama)), {"train": "unused"})
+        validate({**raw, "eval": {"metric": "f1"}})
 
 
 @pytest.mark.slow

@@ -178,12 +178,11 @@ def test_encode_and_collate_pairs_and_multi_label(tiny_bert, tmp_path):
 
 def test_eval_metric_must_be_a_classification_metric(tiny_bert, tmp_path):
     raw = {"task": "sequence_classification", "model": {"name": str(tiny_bert)}}
-    task = SequenceClassificationTask(validate(raw))
-    train = _jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": "x"}])
+    assert validate(raw).eval.metric == "macro_f1"  # the task's default
     with pytest.raises(
         ConfigError, match=re.escape("eval.metric='f1' is not a sequence_classification metric")
     ):
-        task.prepare_data(load_tokenizer(str(tiny_bert)), {"train": train})
+        validate({**raw, "eval": {"metric": "f1"}})
     with pytest.raises(ConfigError, match="folder-per-class layout holds single-label"):
         _task(tiny_bert, tmp_path, multi_label=True).read(str(tmp_path))
 
