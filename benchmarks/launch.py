@@ -287,7 +287,7 @@ def summarize(
     for name in names:
         runs = [r for r in records if r["variant"] == name]
         if not runs:
-            rows.append([name, 0, *([None] * 10)])
+            rows.append([name, 0, *([None] * 11)])
             continue
 
         def med(key: str, runs: list[dict[str, Any]] = runs) -> float | None:
