@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 from transformers import set_seed
 
-from distributed_ft.config.load import dump_config
+from distributed_ft.config.load import dump_config, load_config
 from distributed_ft.config.schema import JobConfig
 from distributed_ft.data.prepare import PreparedDataset
 from distributed_ft.engine.base import Engine
@@ -27,6 +27,7 @@ from distributed_ft.modeling.peft import apply_peft
 from distributed_ft.runtime.context import RuntimeContext
 from distributed_ft.tasks import get_task
 from distributed_ft.tasks.base import PreparesTokenizer, Task
+from distributed_ft.train.checkpoint import PREFIX, is_complete
 
 log = logging.getLogger("distributed_ft")
 
@@ -74,6 +75,60 @@ def resolve_run_dir(config: JobConfig, name: str, context: RuntimeContext) -> Pa
     if chosen is None:
         chosen = context.broadcast_object(f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     return Path(chosen)
+
+
+def run_dir_refusal(run_dir: Path, config: JobConfig) -> str | None:
+    """Why ``config`` may not run in ``run_dir`` (``None``: it may). Nothing of a kept run is overwritten.
+
+    A finished run (``results.json``) is never trained over. An unfinished run is resumed only with the
+    task, model, PEFT setup and data files it was started with (:data:`IDENTITY`): others would load its
+    checkpoints into the wrong shapes, or train on with the old weights under a new ``config.yaml``.
+    ``run.resume=never`` explicitly starts that unfinished run over.
+    """
+    if (run_dir / "results.json").is_file():
+        return (
+            f"run.output_dir={run_dir} holds a finished run (results.json); its results are kept. Give a new "
+            f"run.output_dir, or use `dft evaluate {run_dir}` / `dft predict {run_dir}` to use it"
+        )
+    previous = run_dir / "config.yaml"
+    checkpoints = run_dir / "checkpoints"
+    resumable = checkpoints.is_dir() and any(is_complete(p) for p in checkpoints.glob(f"{PREFIX}*"))
+    if not resumable or not previous.is_file() or config.run.resume == "never":
+        return None  # nothing that would be resumed
+    try:
+        before = load_config(str(previous))[0]
+    except ConfigError:
+        return None  # unreadable: nothing of it can be resumed anyway
+    changed = config_changes(before, config)
+    if not changed:
+        return None
+    return (
+        f"run.output_dir={run_dir} holds an unfinished run of another config ({'; '.join(changed[:3])}). "
+        "Resume it with its own config, start it over with run.resume=never, or give a new run.output_dir"
+    )
+
+
+IDENTITY = ("task", "model.", "peft.", "data.train", "data.validation", "data.test")
+"""The settings that make a run what it is: a checkpoint resumes only under the same ones (``train.*``,
+``eval.*`` or ``run.*`` may change, e.g. more steps or another learning rate)."""
+
+
+def config_changes(before: JobConfig, after: JobConfig) -> list[str]:
+    """``key: old -> new`` for each :data:`IDENTITY` setting that differs between two configs."""
+
+    def flat(config: JobConfig) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for section, values in config.model_dump(mode="json").items():
+            items = values.items() if isinstance(values, dict) else [("", values)]
+            for key, value in items:
+                name = f"{section}.{key}" if key else section
+                if name.startswith(IDENTITY):
+                    out[name] = value
+        return out
+
+    old, new = flat(before), flat(after)
+    keys = sorted(old | new)
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in keys if old.get(key) != new.get(key)]
 
 
 def data_splits(config: JobConfig, needed: tuple[str, ...] = ("train",)) -> dict[str, str]:
@@ -137,6 +192,9 @@ def build_job(
     """
     run_dir = resolve_run_dir(config, name, context)
     config = config.model_copy(update={"run": config.run.model_copy(update={"output_dir": str(run_dir)})})
+    refusal = context.broadcast_object(run_dir_refusal(run_dir, config) if context.is_main else None)
+    if refusal is not None:  # every rank stops, not only the one that looked
+        raise ConfigError(refusal)
     if context.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(config))

@@ -12,7 +12,7 @@ from distributed_ft.config.load import apply_override, validate
 from distributed_ft.config.schema import JobConfig
 from distributed_ft.data.sources import ArrowBatchSource
 from distributed_ft.engine.torch_engine import inference_engine
-from distributed_ft.errors import ConfigError
+from distributed_ft.errors import ConfigError, DataError
 from distributed_ft.modeling.build import load_trained
 from distributed_ft.modeling.peft import adapter_task, is_adapter_dir
 from distributed_ft.runtime import storage
@@ -90,6 +90,8 @@ def predict_file(
     Returns:
         The number of examples predicted.
     """
+    if not Path(input_path).is_file():
+        raise DataError(f"--input {input_path}: no such file; give the path of a file to predict")
     model_dir, config = locate_model(path, overrides)
     tokenizer, task = load_task(config, str(model_dir))
     model = load_trained(config.task, str(model_dir))

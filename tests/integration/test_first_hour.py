@@ -122,3 +122,14 @@ def test_a_deepspeed_key_beside_run_engine_torch_stops_before_training(capsys):
     assert main(["-q", "train", "deepspeed.zero_stage=3", "run.engine=torch"]) == 2
     err = capsys.readouterr().err
     assert "deepspeed.zero_stage=3 is set but run.engine=torch: drop one, or set run.engine=deepspeed" in err
+
+
+def test_rerunning_into_a_finished_run_is_refused_and_keeps_its_results(tiny_job, capsys):
+    assert main(["-q", "train", *tiny_job, "train.epochs=1"]) == 0
+    run_dir = Path(next(o for o in tiny_job if o.startswith("run.output_dir=")).split("=", 1)[1])
+    kept = {p: p.read_bytes() for p in (run_dir / "results.json", run_dir / "config.yaml")}
+    capsys.readouterr()
+    assert main(["-q", "train", *tiny_job, "train.epochs=1"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a finished run (results.json)" in err and "Traceback" not in err
+    assert all(path.read_bytes() == data for path, data in kept.items())

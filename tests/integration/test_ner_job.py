@@ -124,6 +124,14 @@ def test_predict_raw_text_gives_entity_spans_with_offsets(trained_run, tmp_path)
             assert record["text"][span["start_char"] : span["end_char"]] == span["text"]
 
 
+def test_predict_of_a_missing_input_is_one_clear_line(trained_run, tmp_path, capsys):
+    run_dir, _ = trained_run
+    missing = tmp_path / "missing.txt"
+    assert main(["-q", "predict", str(run_dir), "--input", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"--input {missing}: no such file" in err and "Traceback" not in err
+
+
 def test_predict_jsonl_tokens_and_tokens_only_conll(trained_run, tmp_path):
     run_dir, _ = trained_run
     jsonl = tmp_path / "in.jsonl"
