@@ -134,18 +134,9 @@ def rank_pieces(
         for shard, count in enumerate(rows)
         for start in range(0, count, block_rows)
     ]
+    shuffled = [blocks[i] for i in np.random.default_rng([seed, epoch]).permutation(len(blocks))]
     first, size = share(sum(rows), rank, world_size)
-    last = first + size
-    pieces, offset = [], 0
-    for index in np.random.default_rng([seed, epoch]).permutation(len(blocks)):
-        block = blocks[index]
-        start, stop = max(first, offset), min(last, offset + block.rows)
-        if start < stop:
-            pieces.append(Piece(block.shard, block.start + start - offset, block.start + stop - offset))
-        offset += block.rows
-        if offset >= last:
-            break
-    return pieces
+    return take_rows(shuffled, first, first + size)
 
 
 def take_rows(pieces: Sequence[Piece], start: int, stop: int) -> list[Piece]:
