@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from distributed_ft.config.schema import JobConfig
+from distributed_ft.config.schema import DATA_SECTIONS, JobConfig, key_owner
 from distributed_ft.errors import ConfigError
 
 log = logging.getLogger("distributed_ft")
@@ -53,10 +53,15 @@ def _read_source(source: str) -> tuple[dict[str, Any], str]:
 
 
 def _valid_keys(model: type[BaseModel] = JobConfig, prefix: str = "") -> list[str]:
+    """Every dotted key a config may set (the ``data`` keys of all tasks)."""
     keys = []
     for name, field in model.model_fields.items():
         annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if prefix == "" and name == "data":
+            keys.extend(
+                dict.fromkeys(f"data.{key}" for s in DATA_SECTIONS.values() for key in s.model_fields)
+            )
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
             keys.extend(_valid_keys(annotation, f"{prefix}{name}."))
         else:
             keys.append(f"{prefix}{name}")
@@ -92,8 +97,9 @@ def _as_unit(raw: dict[str, Any], source: dict[str, Any], given: set[str]) -> li
     """Drop what of the source belongs with a part the overrides replaced; the notes saying what went.
 
     A new ``data.train`` is a new data set: the source's other splits the overrides do not set are dropped.
-    A new ``task`` also drops the source's splits and its ``eval.metric`` (unless set): they belong to the
-    source's task (the metric becomes the new task's default).
+    A new ``task`` also drops the source's splits, its ``data`` keys of the old task and its
+    ``eval.metric`` (unless set): they belong to the source's task (the metric becomes the new task's
+    default).
     """
     notes = []
     data, source_data = raw.get("data") or {}, source.get("data") or {}
@@ -114,6 +120,11 @@ def _as_unit(raw: dict[str, Any], source: dict[str, Any], given: set[str]) -> li
     for split in splits:
         if f"data.{split}" not in given:
             data.pop(split, None)
+    if new_task:
+        for key in [
+            k for k in data if f"data.{k}" not in given and key_owner(k) not in (None, raw.get("task"))
+        ]:
+            dropped.append(f"data.{key}={data.pop(key)}")
     source_metric = (source.get("eval") or {}).get("metric")
     if new_task and "eval.metric" not in given and source_metric is not None:
         raw["eval"].pop("metric", None)
@@ -129,7 +140,7 @@ def _format_error(exc: ValidationError) -> str:
     key = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
         return f"unknown config key {key!r}{_closest_key(key)}"
-    if not key:  # a model-level validator
+    if not key or err["type"] == "value_error":  # a validator's own message names its keys
         return err["msg"].removeprefix("Value error, ")
     shown = f" (got {err['input']!r})" if not isinstance(err["input"], dict) else ""
     return f"config key {key!r}: {err['msg']}{shown}"

@@ -7,9 +7,17 @@ meaning. Unknown keys are errors (``extra="forbid"``), so a typo never silently 
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from distributed_ft.config.task_metrics import resolve_metric
 
@@ -39,7 +47,11 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    """``data.*``: input files, their format and how they are tokenized and batched."""
+    """``data.*`` keys every task has: input files, their format, length, limits and the cache.
+
+    Each task adds its own keys in a subclass (:data:`DATA_SECTIONS`); ``JobConfig`` validates ``data``
+    with the class of its ``task``, so a key of another task is an error that names that task.
+    """
 
     train: str | None = None
     """Training file (path, glob or ``builtin:NAME``)."""
@@ -47,7 +59,8 @@ class DataConfig(_Section):
     test: str | None = None
     format: Literal["auto", "conll", "jsonl", "csv", "parquet", "folder"] = "auto"
     """File format; ``auto`` picks it from the file extension (a directory is read as ``folder``:
-    one sub-folder per class, one text file per example; sequence classification only)."""
+    one sub-folder per class, one text file per example; sequence classification only; ``conll``:
+    token classification only)."""
     max_length: int = Field(256, ge=8)
     """Sub-word tokens per example; longer examples are truncated and the count is reported."""
     max_train_samples: int | None = Field(None, ge=1)
@@ -55,46 +68,6 @@ class DataConfig(_Section):
     """Validation examples used during training (the first N)."""
     max_test_samples: int | None = Field(None, ge=1)
     """Test examples scored at the end (default: all of them)."""
-    tokens_column: str = "tokens"
-    """Column (JSONL/CSV/Parquet) holding the list of words of a sentence."""
-    tags_column: str = "tags"
-    """Column holding the list of word tags."""
-    text_column: str = "text"
-    """sequence_classification: column holding the text."""
-    text_pair_column: str | None = None
-    """sequence_classification: column holding the second text of a pair (e.g. NLI hypothesis)."""
-    label_column: str = "label"
-    """sequence_classification: column holding the label (multi-label: a list, or see ``label_delimiter``)."""
-    multi_label: bool = False
-    """sequence_classification: each example has any number of labels (sigmoid per class)."""
-    label_delimiter: str | None = None
-    """Multi-label labels written in one string, split at this delimiter (e.g. ``|``)."""
-    class_weights: Literal["none", "balanced"] = "none"
-    """``balanced`` weights the loss by inverse class frequency of the training set (multi-label: a
-    positive weight per class, negatives/positives)."""
-    entity_markers: bool | list[str] = False
-    """Relation classification: marker tokens added to the tokenizer (``true``: ``[E1]`` ``[/E1]``
-    ``[E2]`` ``[/E2]``); each text must contain every marker once."""
-    prompt_column: str = "prompt"
-    """causal_lm: column holding the prompt (instruction) of a prompt/response record."""
-    response_column: str = "response"
-    """causal_lm: column holding the response the model learns to produce."""
-    messages_column: str = "messages"
-    """causal_lm: column holding a chat (a list of ``role``/``content`` objects); loss on assistant turns."""
-    chat_template: Literal["auto", "plain"] = "auto"
-    """causal_lm: ``auto`` uses the tokenizer's chat template when it has one, else the plain template."""
-    packing: bool = True
-    """causal_lm: pack training examples into rows of ``max_length`` tokens (no attention across them)."""
-    max_new_tokens: int = Field(64, ge=1)
-    """causal_lm: tokens generated per prompt (``dft predict`` and evaluation samples)."""
-    generate_samples: int = Field(0, ge=0)
-    """causal_lm: generate responses for the first N evaluation prompts and keep them in the results."""
-    conll_tag_column: int = -1
-    """Which whitespace-separated CoNLL column holds the tag (0-based; -1 is the last)."""
-    tag_scheme: Literal["auto", "iob1", "iob2", "iobes"] = "auto"
-    """Input tagging scheme; everything is normalised to IOB2."""
-    label_all_subtokens: bool = False
-    """Label every sub-token of a word (continuations get the ``I-`` tag) instead of the first only."""
     group_by_length: bool = True
     """Batch training examples of similar length together (less padding)."""
     cache_dir: str | None = None
@@ -104,6 +77,101 @@ class DataConfig(_Section):
     num_proc: int | None = Field(None, ge=1)
     """Worker processes that encode shards on a cache miss; ``null`` (auto): the usable cores, at most 8,
     but 1 for fewer than 100,000 rows (or 2 shards): starting the workers costs ~3 s."""
+
+
+class TokenClassificationData(DataConfig):
+    """``data.*`` of ``task=token_classification`` (NER and other word tagging)."""
+
+    tokens_column: str = "tokens"
+    """Column (JSONL/CSV/Parquet) holding the list of words of a sentence."""
+    tags_column: str = "tags"
+    """Column holding the list of word tags."""
+    conll_tag_column: int = -1
+    """Which CoNLL column holds the tag (0-based). -1 (default): the last one, and the number of columns
+    may vary from line to line (MeCab-style files); any other value: every line has the same columns."""
+    tag_scheme: Literal["auto", "iob1", "iob2", "iobes"] = "auto"
+    """Input tagging scheme; everything is normalised to IOB2."""
+    label_all_subtokens: bool = False
+    """Label every sub-token of a word (continuations get the ``I-`` tag) instead of the first only."""
+
+
+class SequenceClassificationData(DataConfig):
+    """``data.*`` of ``task=sequence_classification`` (single- and multi-label, pairs, relations)."""
+
+    text_column: str = "text"
+    """Column holding the text."""
+    text_pair_column: str | None = None
+    """Column holding the second text of a pair (e.g. NLI hypothesis)."""
+    label_column: str = "label"
+    """Column holding the label (multi-label: a list, or see ``label_delimiter``)."""
+    multi_label: bool = False
+    """Each example has any number of labels (sigmoid per class)."""
+    label_delimiter: str | None = None
+    """Multi-label labels written in one string, split at this delimiter (e.g. ``|``)."""
+    class_weights: Literal["none", "balanced"] = "none"
+    """``balanced`` weights the loss by inverse class frequency of the training set (multi-label: a
+    positive weight per class, negatives/positives)."""
+    entity_markers: bool | list[str] = False
+    """Relation classification: marker tokens added to the tokenizer (``true``: ``[E1]`` ``[/E1]``
+    ``[E2]`` ``[/E2]``); each text must contain every marker once."""
+
+
+class CausalLMData(DataConfig):
+    """``data.*`` of ``task=causal_lm`` (instruction tuning on prompt/response or chat records)."""
+
+    prompt_column: str = "prompt"
+    """Column holding the prompt (instruction) of a prompt/response record."""
+    response_column: str = "response"
+    """Column holding the response the model learns to produce."""
+    messages_column: str = "messages"
+    """Column holding a chat (a list of ``role``/``content`` objects); loss on assistant turns."""
+    chat_template: Literal["auto", "plain"] = "auto"
+    """``auto`` uses the tokenizer's chat template when it has one, else the plain template."""
+    packing: bool = True
+    """Pack training examples into rows of ``max_length`` tokens (no attention across them)."""
+    max_new_tokens: int = Field(64, ge=1)
+    """Tokens generated per prompt (``dft predict`` and evaluation samples)."""
+    generate_samples: int = Field(0, ge=0)
+    """Generate responses for the first N evaluation prompts and keep them in the results."""
+
+
+DATA_SECTIONS: dict[str, type[DataConfig]] = {
+    "token_classification": TokenClassificationData,
+    "sequence_classification": SequenceClassificationData,
+    "causal_lm": CausalLMData,
+}
+"""The ``data`` section of each task: the shared keys plus the task's own."""
+
+TASK_FORMATS: dict[str, str] = {"conll": "token_classification", "folder": "sequence_classification"}
+"""Formats only one task reads."""
+
+
+def key_owner(key: str) -> str | None:
+    """The task whose ``data`` section alone has ``key`` (``None``: shared, or no task has it)."""
+    if key in DataConfig.model_fields:
+        return None
+    return next((task for task, section in DATA_SECTIONS.items() if key in section.model_fields), None)
+
+
+def data_section(task: str, value: Any) -> DataConfig:
+    """Validate ``value`` (a mapping or another task's section) as the ``data`` section of ``task``."""
+    section = DATA_SECTIONS[task]
+    if isinstance(value, section):
+        return value
+    if isinstance(value, DataConfig):
+        value = value.model_dump(exclude_unset=True)
+    if isinstance(value, dict):
+        for key in value:
+            owner = key_owner(key)
+            if owner is not None and owner != task:
+                raise ValueError(
+                    f"data.{key} is a {owner} key, but this job's task is {task}: "
+                    f"drop it, or set task={owner}"
+                )
+        fmt = value.get("format")
+        if fmt in TASK_FORMATS and TASK_FORMATS[fmt] != task:
+            raise ValueError(f"data.format={fmt} is read by {TASK_FORMATS[fmt]} only, not by task={task}")
+    return section.model_validate(value)
 
 
 class TrainConfig(_Section):
@@ -245,13 +313,20 @@ class JobConfig(_Section):
 
     task: TaskName = "token_classification"
     model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
+    data: SerializeAsAny[DataConfig] = Field(default_factory=dict, validate_default=True)
+    """The shared ``data.*`` keys plus those of ``task`` (see :data:`DATA_SECTIONS`)."""
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     peft: PeftConfig = PeftConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     run: RunConfig = RunConfig()
     cluster: ClusterConfig = ClusterConfig()
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _task_data(cls, value: Any, info: ValidationInfo) -> Any:
+        task = info.data.get("task")
+        return value if task is None else data_section(task, value)
 
     @model_validator(mode="after")
     def _resolve(self) -> JobConfig:

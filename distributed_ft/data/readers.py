@@ -149,12 +149,14 @@ def text_lines(path: str) -> Iterator[str]:
 def _read_conll(path: str, tag_column: int, require_tags: bool = True) -> _Part:
     """Read a CoNLL file: one ``token ... tag`` line per word, blank lines between sentences.
 
-    With ``require_tags=False`` a file of one column (tokens only, prediction input) is accepted too.
+    With the tag in the last column (``tag_column=-1``) lines may have differing numbers of columns (MeCab
+    style: token, morphological fields, tag); a fixed column needs the same columns on every line. With
+    ``require_tags=False`` a file of one column (tokens only, prediction input) is accepted too.
     """
     part = _Part(path, "conll", [], [], [])
     tokens: list[str] | None = None
     tags: list[str] = []
-    ncols = first = col = 0
+    ncols = first = 0
     for number, raw in enumerate(text_lines(path), 1):
         line = raw.strip(" \t\r\n")
         if not line:
@@ -165,34 +167,40 @@ def _read_conll(path: str, tag_column: int, require_tags: bool = True) -> _Part:
             tokens = None
             continue
         if len(cols) != ncols:
-            if len(cols) < 2 and require_tags:
-                raise DataError(
-                    f"{path}:{number}: expected at least 2 whitespace-separated columns (token ... tag), "
-                    f"found 1: {line!r}"
-                )
-            if ncols:
-                raise DataError(
-                    f"{path}:{number}: found {len(cols)} columns but the first token line ({path}:{first}) "
-                    f"has {ncols}; every token line needs the same columns: {line!r}"
-                )
-            ncols, first = len(cols), number
-            if ncols == 1:  # tokens only
-                col, part.untagged = 0, True
-            elif not (1 <= tag_column < ncols or -ncols < tag_column <= -1):
-                raise DataError(
-                    f"{path}:{number}: data.conll_tag_column={tag_column} is out of range for a line with "
-                    f"{ncols} columns (column 0 is the token); use 1..{ncols - 1} or -1..-{ncols - 1}"
-                )
-            else:
-                col = tag_column
+            _check_columns(path, number, line, len(cols), ncols, first, tag_column, require_tags)
+            if not ncols:
+                ncols, first = len(cols), number
         if tokens is None:
             tokens, tags = [], []
             part.tokens.append(tokens)
             part.tags.append(tags)
             part.lines.append(number)
         tokens.append(cols[0])
-        tags.append(cols[col] if ncols > 1 else "O")
+        tags.append(cols[tag_column] if ncols > 1 else "O")
+    part.untagged = ncols == 1
     return part
+
+
+def _check_columns(
+    path: str, number: int, line: str, found: int, ncols: int, first: int, tag_column: int, require_tags: bool
+) -> None:
+    """Raise naming ``path:number`` when a CoNLL line of ``found`` columns cannot be read."""
+    if found < 2 and (require_tags or ncols > 1):
+        raise DataError(
+            f"{path}:{number}: expected at least 2 whitespace-separated columns (token ... tag), "
+            f"found 1: {line!r}"
+        )
+    if ncols == 1 or (ncols and tag_column != -1):
+        fix = "" if ncols == 1 else "; or set data.conll_tag_column=-1 (the tag is the last column)"
+        raise DataError(
+            f"{path}:{number}: found {found} columns but the first token line ({path}:{first}) has "
+            f"{ncols}; every token line needs the same columns{fix}: {line!r}"
+        )
+    if found > 1 and not (1 <= tag_column < found or -found < tag_column <= -1):
+        raise DataError(
+            f"{path}:{number}: data.conll_tag_column={tag_column} is out of range for a line with "
+            f"{found} columns (column 0 is the token); use 1..{found - 1} or -1..-{found - 1}"
+        )
 
 
 def _json_records(path: str) -> tuple[str, Iterable[tuple[int, Any]]]:

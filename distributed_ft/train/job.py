@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,11 +71,57 @@ class Job:
 
 
 def resolve_run_dir(config: JobConfig, name: str, context: RuntimeContext) -> Path:
-    """``run.output_dir``, or ``runs/<name>-<timestamp>`` chosen on rank 0 and shared with all ranks."""
+    """``run.output_dir``, or the default one (:func:`default_run_dir`) chosen on rank 0 for all ranks."""
     chosen = config.run.output_dir
     if chosen is None:
-        chosen = context.broadcast_object(f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        chosen = context.broadcast_object(default_run_dir(config, name) if context.is_main else None)
     return Path(chosen)
+
+
+RUNS = Path("runs")
+"""Where runs without ``run.output_dir`` go: ``runs/<name>-<YYYYmmdd-HHMMSS>``."""
+
+
+def default_run_dir(config: JobConfig, name: str) -> str:
+    """The newest unfinished run of this very config under ``runs/`` (``run.resume=auto``), else a new one.
+
+    So a job stopped by SIGTERM resumes when the same command runs again; ``run.resume=never`` starts anew.
+    """
+    if config.run.resume == "auto" and RUNS.is_dir():
+        stamped = re.compile(re.escape(name) + r"-\d{8}-\d{6}")
+        runs = sorted((p for p in RUNS.iterdir() if stamped.fullmatch(p.name)), reverse=True)
+        for run_dir in runs:
+            if _has_checkpoint(run_dir) and not (run_dir / "results.json").exists():
+                before = _saved_config(run_dir)
+                if before is not None and fingerprint(before) == fingerprint(config):
+                    log.info(
+                        "resuming the unfinished run %s of this config (run.resume=never: a new run)", run_dir
+                    )
+                    return str(run_dir)
+    return str(RUNS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def fingerprint(config: JobConfig) -> dict[str, Any]:
+    """The config as it decides what is trained: all of it but where it writes, resumes and shows progress."""
+    values = config.model_dump(mode="json")
+    for key in ("output_dir", "resume", "progress"):
+        values["run"].pop(key)
+    return values
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    checkpoints = run_dir / "checkpoints"
+    return checkpoints.is_dir() and any(is_complete(p) for p in checkpoints.glob(f"{PREFIX}*"))
+
+
+def _saved_config(run_dir: Path) -> JobConfig | None:
+    """The ``config.yaml`` a run wrote, or ``None`` when it has none that loads."""
+    if not (run_dir / "config.yaml").is_file():
+        return None
+    try:
+        return load_config(str(run_dir / "config.yaml"))[0]
+    except ConfigError:
+        return None
 
 
 def run_dir_refusal(run_dir: Path, config: JobConfig) -> str | None:
@@ -90,14 +137,10 @@ def run_dir_refusal(run_dir: Path, config: JobConfig) -> str | None:
             f"run.output_dir={run_dir} holds a finished run (results.json); its results are kept. Give a new "
             f"run.output_dir, or use `dft evaluate {run_dir}` / `dft predict {run_dir}` to use it"
         )
-    previous = run_dir / "config.yaml"
-    checkpoints = run_dir / "checkpoints"
-    resumable = checkpoints.is_dir() and any(is_complete(p) for p in checkpoints.glob(f"{PREFIX}*"))
-    if not resumable or not previous.is_file() or config.run.resume == "never":
+    if config.run.resume == "never" or not _has_checkpoint(run_dir):
         return None  # nothing that would be resumed
-    try:
-        before = load_config(str(previous))[0]
-    except ConfigError:
+    before = _saved_config(run_dir)
+    if before is None:
         return None  # unreadable: nothing of it can be resumed anyway
     changed = config_changes(before, config)
     if not changed:

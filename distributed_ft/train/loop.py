@@ -180,7 +180,8 @@ def train(
                     saved = checkpoints.save(engine, state)
                     raise Preempted(
                         f"stopped at step {state.step} on request; checkpoint {saved} written; "
-                        "run the same command again to resume from it"
+                        "run the same command again to resume from it (without run.output_dir it picks up "
+                        "the newest unfinished run of the same config under runs/)"
                     )
                 if state.step >= total_steps or state.stopped_early:
                     break

@@ -15,7 +15,7 @@ import yaml
 from distributed_ft.cli import main
 from distributed_ft.config import dump_config, load_config
 from distributed_ft.config.load import validate
-from distributed_ft.config.schema import ModelConfig
+from distributed_ft.config.schema import DATA_SECTIONS, DataConfig, ModelConfig, key_owner
 from distributed_ft.config.task_metrics import DEFAULT_METRICS, TASK_METRICS
 from distributed_ft.errors import ConfigError
 from distributed_ft.modeling.build import build_model
@@ -109,6 +109,56 @@ def test_dft_plan_plans_the_zero_stage_a_deepspeed_key_asks_for(tmp_path, capsys
     )
     setup = json.loads(capsys.readouterr().out)["setup"]
     assert (setup["engine"], setup["effective_zero_stage"]) == ("deepspeed", 3)
+
+
+# --------------------------------------------------------------------------- per-task data sections
+@pytest.mark.parametrize("task", sorted(DATA_SECTIONS))
+def test_each_task_gets_the_shared_data_keys_plus_its_own(task):
+    data = validate({"task": task}).data
+    assert type(data) is DATA_SECTIONS[task]
+    own = set(type(data).model_fields) - set(DataConfig.model_fields)
+    assert own and all(key_owner(key) == task for key in own)
+    others = {k for t, s in DATA_SECTIONS.items() if t != task for k in s.model_fields} - set(
+        type(data).model_fields
+    )
+    assert others and not others & set(validate({"task": task}).model_dump()["data"])
+
+
+@pytest.mark.parametrize(
+    ("task", "key", "owner"),
+    [
+        ("token_classification", "packing", "causal_lm"),
+        ("token_classification", "text_column", "sequence_classification"),
+        ("sequence_classification", "tags_column", "token_classification"),
+        ("causal_lm", "class_weights", "sequence_classification"),
+    ],
+)
+def test_a_key_of_another_task_is_an_error_naming_its_task(task, key, owner):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"task={task}", f"data.{key}=x"])
+    assert str(info.value) == (
+        f"data.{key} is a {owner} key, but this job's task is {task}: drop it, or set task={owner}"
+    )
+
+
+def test_a_format_of_another_task_is_an_error():
+    with pytest.raises(ConfigError, match=r"data\.format=conll is read by token_classification only"):
+        load_config("text-classification", ["data.format=conll"])
+    with pytest.raises(ConfigError, match=r"data\.format=folder is read by sequence_classification only"):
+        load_config(None, ["data.format=folder"])
+
+
+def test_a_task_override_drops_the_recipes_keys_of_the_old_task(logged):
+    config, _ = load_config("text-classification", ["task=token_classification"])
+    assert config.data.tags_column == "tags" and not hasattr(config.data, "label_column")
+    assert "data.label_column=main_type" in logged.text and "data.class_weights=balanced" in logged.text
+    config, _ = load_config("text-classification", ["task=causal_lm", "data.max_length=64"])
+    assert config.data.max_length == 64  # a shared key stays
+
+
+def test_a_misspelt_task_key_gets_a_suggestion():
+    with pytest.raises(ConfigError, match=r"did you mean 'data\.label_column'"):
+        load_config("text-classification", ["data.label_colum=x"])
 
 
 # --------------------------------------------------------------------------- recipes as units

@@ -128,9 +128,27 @@ def test_one_column_line(tmp_path: Path) -> None:
     raises(f"{path}:4: expected at least 2 whitespace-separated columns|found 1: 'EU'", read_token_tags, path)
 
 
-def test_inconsistent_columns(tmp_path: Path) -> None:
-    path = write(tmp_path / "train.txt", "\nEU NNP B-ORG\nrejects O\n")
-    raises(f"{path}:3: found 2 columns|first token line ({path}:2) has 3", read_token_tags, path)
+def test_inconsistent_columns_with_a_fixed_tag_column(tmp_path: Path) -> None:
+    path = write(tmp_path / "train.txt", "\nEU B-ORG NNP\nrejects O\n")
+    raises(
+        f"{path}:3: found 2 columns|first token line ({path}:2) has 3|data.conll_tag_column=-1",
+        read_token_tags,
+        path,
+        conll_tag_column=1,
+    )
+
+
+def test_mecab_style_lines_of_differing_columns_take_the_last_as_tag(tmp_path: Path) -> None:
+    fields10 = "\t".join(["名詞", "固有名詞", "人名", "姓", "*", "*", "田中", "タナカ"])
+    fields12 = "\t".join(
+        ["名詞", "固有名詞", "地域", "一般", "*", "*", "東京", "トウキョウ", "トーキョー", "x"]
+    )
+    text = f"田中\t{fields10}\tB-PER\nは\t助詞\tO\n東京\t{fields12}\tB-LOC\n\n山田\t{fields10}\tB-PER\n"
+    table = read_token_tags(write(tmp_path / "ja.tsv", text))
+    assert rows(table) == [(["田中", "は", "東京"], ["B-PER", "O", "B-LOC"], 1), (["山田"], ["B-PER"], 5)]
+    # A prediction file of tokens only cannot switch to tagged lines half-way.
+    path = write(tmp_path / "mixed.conll", "田中\nは O\n")
+    raises(f"{path}:2: found 2 columns|({path}:1) has 1", read_token_tags, path, require_tags=False)
 
 
 @pytest.mark.parametrize("column", [2, 0, -3])
