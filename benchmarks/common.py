@@ -298,7 +298,7 @@ def model_state_bytes(model: Any, optimizer: Any) -> dict[str, int]:
 
 def memory_snapshot() -> dict[str, Any]:
     """Process RSS now and at its peak; CUDA peak reserved when a GPU is used."""
-    from distributed_ft.planning.validate import peak_rss_bytes, rss_bytes
+    from distributed_ft.train.measure import peak_rss_bytes, rss_bytes
 
     out: dict[str, Any] = {"rss_bytes": rss_bytes(), "peak_rss_bytes": peak_rss_bytes()}
     try:

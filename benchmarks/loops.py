@@ -81,15 +81,29 @@ def _pad(rows: list[np.ndarray], value: int) -> np.ndarray:
     return out
 
 
+def _baseline_model(config: Any, labels: list[str]) -> Any:
+    """The job's token-classification model for the baselines, seeded as the library seeds its own."""
+    from transformers import AutoModelForTokenClassification, set_seed
+
+    from benchmarks.common import resolve_model_name
+    from distributed_ft.data.builtin import resolve
+
+    set_seed(config.train.seed)
+    return AutoModelForTokenClassification.from_pretrained(
+        resolve(resolve_model_name(config.model.name)),
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+    )
+
+
 def run_plain(
     config: Any, context: Any, prepared: Any, recorder: StepRecorder, task: Any
 ) -> tuple[dict[str, Any], Any]:
     """A hand-written training loop on the same batches; returns test metrics and the model."""
     import torch
-    from transformers import AutoModelForTokenClassification, get_linear_schedule_with_warmup, set_seed
+    from transformers import get_linear_schedule_with_warmup
 
-    from benchmarks.common import resolve_model_name
-    from distributed_ft.data.builtin import resolve
     from distributed_ft.data.sources import length_grouped_order
 
     train_cfg, labels = config.train, prepared.labels
@@ -99,13 +113,7 @@ def run_plain(
     lengths = np.asarray(table.column("length").to_numpy())
     pad_id = task.pad_token_id
 
-    set_seed(train_cfg.seed)
-    model = AutoModelForTokenClassification.from_pretrained(
-        resolve(resolve_model_name(config.model.name)),
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
-    )
+    model = _baseline_model(config, labels)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
@@ -152,16 +160,11 @@ def run_hf(
 ) -> dict[str, Any]:
     """``transformers.Trainer`` with its usual token-classification set-up."""
     from transformers import (
-        AutoModelForTokenClassification,
         DataCollatorForTokenClassification,
         Trainer,
         TrainerCallback,
         TrainingArguments,
-        set_seed,
     )
-
-    from benchmarks.common import resolve_model_name
-    from distributed_ft.data.builtin import resolve
 
     train_cfg, labels = config.train, prepared.labels
     table = prepared.splits["train"].read()
@@ -194,13 +197,7 @@ def run_hf(
             )  # Trainer's whole step, forward to zero_grad
             recorder.step_done()
 
-    set_seed(train_cfg.seed)
-    model = AutoModelForTokenClassification.from_pretrained(
-        resolve(resolve_model_name(config.model.name)),
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
-    )
+    model = _baseline_model(config, labels)
     args = TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=train_cfg.batch_size,

@@ -57,10 +57,10 @@ def worker(args: argparse.Namespace) -> None:
     from distributed_ft.config.load import validate
     from distributed_ft.engine import build_engine
     from distributed_ft.modeling.peft import parameter_report
-    from distributed_ft.planning.validate import peak_rss_bytes, rss_bytes
     from distributed_ft.runtime.context import create_context
     from distributed_ft.tasks import get_task
     from distributed_ft.train.job import build_model
+    from distributed_ft.train.measure import peak_rss_bytes, rss_bytes
 
     context = create_context()
     config = validate(

@@ -64,7 +64,7 @@ def _probe(directory: Path, rank: int, world_size: int, batch_size: int, mode: s
     from distributed_ft.data.prepare import load_manifest
     from distributed_ft.data.shards import ShardedBatchSource
     from distributed_ft.data.sources import ArrowBatchSource
-    from distributed_ft.planning.validate import peak_rss_bytes, rss_bytes
+    from distributed_ft.train.measure import peak_rss_bytes, rss_bytes
 
     prepared = load_manifest(directory)
     if prepared is None:

@@ -2,8 +2,8 @@
 
 An experiment file holds ``kind`` (which module runs it), ``description``, ``job`` (a recipe plus
 dotted overrides shared by every variant), ``params`` (the experiment's knobs) and ``smoke`` (the same keys,
-merged over the full run for a seconds-long CI variant). ``dft bench NAME [--smoke] [--json]`` and
-``python -m benchmarks NAME ...`` both end here.
+merged over the full run for a seconds-long CI variant). ``python -m benchmarks NAME [--smoke] [--json]``
+ends here; ``dft bench NAME ...`` runs that command in the checkout.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def run_experiment(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``dft bench`` and ``python -m benchmarks`` (one definition for both)."""
+    """The options of ``python -m benchmarks`` (``dft bench`` runs it with the same ones)."""
     parser.add_argument(
         "experiment", nargs="?", help="experiment name (see --list) or a YAML file; 'all' runs each"
     )

@@ -1,7 +1,7 @@
 """ZeRO stages x full fine-tuning / LoRA x offload: per-rank memory and step time, on N processes.
 
 One ``torchrun`` launch runs every case in turn (rounds in ABBA order); each case is
-:func:`distributed_ft.planning.validate.validate_plan`: the library's model (PEFT applied) and engine
+:func:`distributed_ft.train.measure.validate_plan`: the library's model (PEFT applied) and engine
 (``DeepSpeedEngine`` or ``TorchEngine``), a few optimizer steps on synthetic full-length batches,
 ``engine.state_bytes()`` per rank before the optimizer step (parameters, gradients, optimizer states
 counted from the tensors), saved-tensor bytes of one forward pass, and the step times. Next to each
@@ -46,12 +46,8 @@ def worker(spec_path: Path, out_path: Path) -> None:
     import transformers
 
     from benchmarks.common import job_config
-    from benchmarks.ds_estimator import deepspeed_estimate
-    from distributed_ft.engine import build_engine
-    from distributed_ft.planning.validate import validate_plan
     from distributed_ft.runtime.context import create_context
-    from distributed_ft.tasks import get_task
-    from distributed_ft.train.job import build_model
+    from distributed_ft.train.measure import validate_plan
 
     transformers.logging.set_verbosity_error()
     spec = json.loads(spec_path.read_text())
@@ -64,15 +60,8 @@ def worker(spec_path: Path, out_path: Path) -> None:
         torch.manual_seed(0)
         started = time.perf_counter()
         try:
-            task, engine = get_task(config), build_engine(config, context)
             report = validate_plan(
-                config,
-                context,
-                engine=engine,
-                model=build_model(config, task, params.get("labels"), engine),
-                task=task,
-                steps=int(params.get("steps", 4)),
-                reference=deepspeed_estimate,
+                config, context, labels=params.get("labels"), steps=int(params.get("steps", 4))
             )
         except Exception as exc:  # keep going; the other cases still measure
             failures.append(

@@ -103,8 +103,8 @@ def worker(argv: list[str]) -> int:
     from distributed_ft.engine import build_engine
     from distributed_ft.modeling.build import build_model, model_hidden_size
     from distributed_ft.modeling.peft import apply_peft
-    from distributed_ft.planning.validate import peak_rss_bytes, rss_bytes
     from distributed_ft.runtime.context import create_context
+    from distributed_ft.train.measure import peak_rss_bytes, rss_bytes
 
     context = create_context(use_gpu=False)
     config = validate(
@@ -156,19 +156,6 @@ def worker(argv: list[str]) -> int:
 
 
 # --------------------------------------------------------------------------- experiment (driver)
-def tiny_llama(directory: Path) -> Path:
-    """A random 2-layer Llama for the smoke variant (weights only: construction needs no tokenizer)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
-    )
-    LlamaForCausalLM(config).save_pretrained(directory)
-    return directory
-
-
 def launch(
     model: str, out: Path, workers: int, unpartitioned: bool, bf16: bool, timeout_s: int
 ) -> list[dict]:
@@ -194,11 +181,12 @@ def _growth_mib(rank: dict[str, Any], key: str, base: str) -> float:
 
 def run(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
     from benchmarks.common import interleaved, paired_ratios
+    from distributed_ft.testing import make_tiny_llama
 
     params = spec["params"]
     model = spec["job"]["overrides"].get("model.name", "builtin:smollm2-135m")
     if model == "bench:tiny-llama":
-        model = str(tiny_llama(workdir / "tiny-llama"))
+        model = str(make_tiny_llama(workdir / "tiny-llama"))
     workers, rounds = int(params.get("workers", 2)), int(params.get("rounds", 2))
     precisions = list(params.get("precisions", ["fp32", "bf16"]))
     variants = [f"{v} {p}" for p in precisions for v in VARIANTS]

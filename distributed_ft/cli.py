@@ -6,9 +6,11 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from distributed_ft.errors import DftError, Preempted
 
@@ -108,11 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--validate-steps", type=int, default=3, help="optimizer steps for --validate (>= 2)")
 
-    bench = commands.add_parser("bench", help="run a benchmark experiment (source checkout: benchmarks/)")
+    bench = commands.add_parser(
+        "bench",
+        help="run a benchmark experiment (source checkout: benchmarks/)",
+        description="Run benchmarks/experiments/NAME.yaml with the checkout's runner (python -m benchmarks) "
+        "and write its JSON, markdown and plots. Needs a source checkout: benchmarks/ is not installed.",
+    )
     bench.add_argument("experiment", nargs="?", help="experiment name or YAML file; 'all' runs each")
     bench.add_argument("--smoke", action="store_true", help="the seconds-long variant CI runs")
     bench.add_argument("--json", action="store_true", help="print the result as JSON")
-    bench.add_argument("--out", help="results directory (default benchmarks/results)")
+    bench.add_argument("--out", help="results directory (default benchmarks/results[/tmp for --smoke])")
     bench.add_argument("--list", action="store_true", help="list the experiments")
     return parser
 
@@ -262,50 +269,45 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _validate_plan(config, args: argparse.Namespace) -> int:
-    """``dft plan --validate``: the planner vs a short real job (see ``planning/validate.py``)."""
-    from distributed_ft.engine import build_engine
-    from distributed_ft.planning.validate import validate_plan
-    from distributed_ft.tasks import get_task
-    from distributed_ft.train.job import build_model
+    """``dft plan --validate``: the planner vs a short real job (``train/measure.py``)."""
+    from distributed_ft.train.measure import validate_plan
 
     context, setup_logging = _context(config)
     setup_logging(context, args.verbose)
-    estimator = _benchmarks_module("benchmarks.ds_estimator")  # DeepSpeed's own estimator, when present
-    task, engine = get_task(config), build_engine(config, context)
-    report = validate_plan(
-        config,
-        context,
-        engine=engine,
-        model=build_model(config, task, None, engine),
-        task=task,
-        steps=args.validate_steps,
-        reference=getattr(estimator, "deepspeed_estimate", None),
-    )
+    report = validate_plan(config, context, steps=args.validate_steps)
     if context.is_main:
         print(json.dumps(report.to_json(), indent=2, default=str) if args.json else report.format_table())
     return 0
 
 
-def _benchmarks_module(name: str, required: bool = False):
-    """A module of the source checkout's ``benchmarks/`` (not installed with the package), else ``None``."""
-    import importlib
-    from pathlib import Path
-
-    from distributed_ft.errors import ConfigError
-
-    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
-        if (root / "benchmarks" / "runner.py").is_file():
-            if str(root) not in sys.path:
-                sys.path.insert(0, str(root))
-            return importlib.import_module(name)
-    if required:
-        raise ConfigError("dft bench needs a source checkout: run it from the repository root (benchmarks/)")
-    return None
+def _checkout_root() -> Path | None:
+    """The source checkout this package runs from (it has ``benchmarks/runner.py``), else ``None``."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "benchmarks" / "runner.py").is_file() else None
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """``dft bench``: run a benchmark experiment and write its results (``benchmarks/README.md``)."""
-    return _benchmarks_module("benchmarks.runner", required=True).main_args(args)
+    """``dft bench``: ``python -m benchmarks`` in the source checkout, its output streamed, its exit code."""
+    import subprocess
+
+    root = _checkout_root()
+    if root is None:
+        print(
+            "dft bench: error: benchmarks/ is not installed with the package; run it from a source "
+            "checkout (pip install -e .)",
+            file=sys.stderr,
+        )
+        return 2
+    argv = [args.experiment] if args.experiment else []
+    argv += [flag for flag in ("--smoke", "--json", "--list") if getattr(args, flag[2:])]
+    argv += ["--out", os.path.abspath(args.out)] if args.out else []
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "benchmarks", *argv]
+    with subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, text=True) as child:
+        for line in child.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+    return child.returncode
 
 
 COMMANDS = {
@@ -336,7 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except Preempted as exc:
+        given = list(sys.argv[1:] if argv is None else argv)
         print(f"dft {args.command}: {exc}", file=sys.stderr)
+        print(f"dft {args.command}: resume with: {shlex.join(['dft', *given])}", file=sys.stderr)
         return 143  # 128 + SIGTERM, what schedulers expect from a pre-empted job
     except DftError as exc:
         print(f"dft {args.command}: error: {exc}", file=sys.stderr)

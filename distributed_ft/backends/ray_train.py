@@ -69,6 +69,9 @@ class RayContext(ProcessGroupContext):
         if self.is_main:
             storage.persist_run(run_dir, self.outputs, final)
 
+    def durable_location(self, run_dir: Path, name: str) -> str:
+        return storage.join(self.outputs, name)
+
     def report(
         self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, files: list[Path] | None = None
     ) -> None:
@@ -303,8 +306,6 @@ def train_on_ray(config: JobConfig, name: str) -> tuple[dict[str, Any], str]:
             f"the Ray run finished but {storage.join(outputs, 'results.json')} is missing; the worker logs "
             f"say why (checkpoints: {result.path})"
         )
-    storage.download(outputs, run_dir)  # the driver's copy; storage keeps the original
-    log.info(
-        "run outputs: %s (export: %s; local copy: %s)", outputs, storage.join(outputs, "export"), run_dir
-    )
+    storage.fetch_run(outputs, run_dir)  # the driver's copy (no checkpoints); storage keeps the original
+    log.info("run outputs: %s (local copy without checkpoints: %s)", outputs, run_dir)
     return json.loads(results), str(run_dir)

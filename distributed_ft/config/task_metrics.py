@@ -1,7 +1,8 @@
-"""Each task's metrics and default metric: the one table ``eval.metric`` and the tasks both read.
+"""Each task's metrics, their direction and its default metric: the one table ``eval.metric`` and the
+tasks both read.
 
 Torch-free, so a metric the task does not have fails when the config loads; ``tasks/*.py`` take their
-``metrics`` and ``default_metric`` from here.
+``metrics`` from here, and ``eval.metric`` resolves to the default (:func:`resolve_metric`).
 """
 
 from __future__ import annotations

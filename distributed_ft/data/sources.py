@@ -1,4 +1,4 @@
-"""BatchSource: per-rank, resumable iteration over a prepared Arrow table.
+"""Batch sources: per-rank, resumable iteration over a prepared Arrow table.
 
 The batch order of an epoch is a pure function of ``(seed, epoch)``, so resuming at batch ``k`` of an
 epoch is exact: skip ``k`` batches of the same order (no data is re-read or re-trained). Each rank takes
@@ -14,7 +14,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -25,21 +25,6 @@ Collate = Callable[[list[dict[str, Any]]], Batch]
 
 MEGABATCH_FACTOR = 50
 """Length grouping sorts windows of ``50 x batch_size`` shuffled examples, keeping batches random."""
-
-
-@runtime_checkable
-class BatchSource(Protocol):
-    """What the loop iterates: this rank's batches of the current epoch, resumable."""
-
-    def set_epoch(self, epoch: int) -> None: ...
-
-    def __len__(self) -> int: ...
-
-    def __iter__(self) -> Iterator[Batch]: ...
-
-    def state_dict(self) -> dict[str, int]: ...
-
-    def load_state_dict(self, state: dict[str, int]) -> None: ...
 
 
 class RowReader:
@@ -140,7 +125,11 @@ def length_grouped_order(lengths: np.ndarray, batch_size: int, rng: np.random.Ge
 
 
 class PositionedSource:
-    """Hands out an epoch's batches from ``_collated(start)``, prefetched, counting those handed out."""
+    """Hands out an epoch's batches from ``_collated(start)``, prefetched, counting those handed out.
+
+    The base of the loop's batch sources (``ArrowBatchSource`` here, ``data/shards.ShardedBatchSource``):
+    each adds ``set_epoch``, ``__len__`` and ``load_state_dict``.
+    """
 
     epoch: int
     position: int

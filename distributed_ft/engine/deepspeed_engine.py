@@ -35,6 +35,7 @@ Selected by ``run.engine=deepspeed``. The DeepSpeed JSON is rendered from the jo
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -451,3 +452,69 @@ class DeepSpeedEngine:
         moments = [t for s in getattr(inner, "state", {}).values() for t in _flatten(s) if t.ndim > 0]
         optimizer_states = tally.add(masters + moments)
         return {"parameters": parameters, "gradients": gradients, "optimizer_states": optimizer_states}
+
+
+# --------------------------------------------------------------------------- DeepSpeed's estimator
+def deepspeed_estimate(model: nn.Module, config: JobConfig, world_size: int) -> dict[str, Any]:
+    """DeepSpeed's own estimate of the model-state bytes one rank holds (``dft plan --validate``).
+
+    ``estimate_zero{2,3}_model_states_mem_needs`` on ``model_to_params(model)`` (the numbers behind the
+    ``..._all_live`` tables, whose print-out is kept as well). They assume mixed-precision Adam, count every
+    parameter as trainable (LoRA is estimated like full fine-tuning) and include no activations; there is
+    no estimator for ZeRO stages 0 and 1.
+
+    Args:
+        model: The model before ``deepspeed.initialize`` (full parameters, PEFT applied).
+        config: The job config (ZeRO stage and offload settings).
+        world_size: Ranks, all on one node.
+    """
+    stage = config.deepspeed.zero_stage if config.run.engine == "deepspeed" else 0
+    if stage < 2:
+        return {
+            "name": "DeepSpeed estimator",
+            "model_states": None,
+            "note": f"DeepSpeed has no estimator for ZeRO-{stage} (only ZeRO-2 and ZeRO-3)",
+        }
+    offload_opt, offload_param = config.deepspeed.offload_optimizer, config.deepspeed.offload_param
+    printed = io.StringIO()
+    if stage == 2:
+        from deepspeed.runtime.zero import stage_1_and_2 as zero2
+
+        total = zero2.model_to_params(model)
+        host, device = zero2.estimate_zero2_model_states_mem_needs(
+            total, num_gpus_per_node=world_size, num_nodes=1, cpu_offload=offload_opt
+        )
+        with contextlib.redirect_stdout(printed):
+            zero2.estimate_zero2_model_states_mem_needs_all_live(model, num_gpus_per_node=world_size)
+        name, largest = "estimate_zero2_model_states_mem_needs_all_live", None
+    else:
+        from deepspeed.runtime.zero import stage3 as zero3
+
+        total, largest = zero3.model_to_params(model)
+        host, device, _ = zero3.estimate_zero3_model_states_mem_needs(
+            total,
+            largest,
+            num_gpus_per_node=world_size,
+            num_nodes=1,
+            cpu_offload=offload_opt,
+            cpu_offload_params=offload_param,
+            zero_init=False,
+        )
+        with contextlib.redirect_stdout(printed):
+            zero3.estimate_zero3_model_states_mem_needs_all_live(model, num_gpus_per_node=world_size)
+        name = "estimate_zero3_model_states_mem_needs_all_live"
+    offloaded = offload_opt or offload_param
+    per_rank = device + (host // world_size if offloaded else 0)
+    note = "per-GPU figure" + (
+        " + the node's host figure / ranks (offload; includes its 1.5x buffer factor)" if offloaded else ""
+    )
+    return {
+        "name": name,
+        "model_states": int(per_rank),
+        "device_bytes": int(device),
+        "host_bytes_per_node": int(host),
+        "total_params": int(total),
+        "largest_layer_params": largest,
+        "note": note,
+        "printed": printed.getvalue(),
+    }

@@ -27,6 +27,7 @@ from torch import nn
 
 from distributed_ft.config.schema import JobConfig
 from distributed_ft.errors import CheckpointError, ConfigError
+from distributed_ft.modeling.targets import IA3_TARGETS, LORA_TARGETS
 
 log = logging.getLogger("distributed_ft")
 
@@ -42,31 +43,6 @@ BASE_KWARGS_FILE = "base_model_kwargs.json"
 (label maps, problem type), for ``AutoPeftModelFor*.from_pretrained(export, **kwargs)``."""
 MERGEABLE = ("lora", "ia3")
 IGNORE = -100
-
-_BERT_LIKE = ("bert", "roberta", "xlm-roberta", "electra", "camembert")
-_LLAMA_LIKE = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "olmo")
-LORA_TARGETS: dict[str, list[str]] = {
-    **{t: ["query", "value"] for t in _BERT_LIKE},
-    **{t: ["q_proj", "v_proj"] for t in _LLAMA_LIKE},
-    "distilbert": ["q_lin", "v_lin"],
-    "mpnet": ["q", "v"],
-    "deberta-v2": ["query_proj", "value_proj"],
-    "phi3": ["qkv_proj"],
-    "gpt2": ["c_attn"],
-    "gpt_neox": ["query_key_value"],
-}
-"""Default LoRA targets per ``config.model_type`` (the same as ``planning/lora.py``; a test checks it)."""
-IA3_TARGETS: dict[str, tuple[list[str] | str, list[str] | str]] = {
-    # keys, values and the input of the second feed-forward layer (the IA3 paper's l_k, l_v, l_ff)
-    **{
-        t: (r".*\.(self\.key|self\.value|layer\.\d+\.output\.dense)", r".*\.layer\.\d+\.output\.dense")
-        for t in _BERT_LIKE
-    },
-    **{t: (["k_proj", "v_proj", "down_proj"], ["down_proj"]) for t in _LLAMA_LIKE},
-    "distilbert": (["k_lin", "v_lin", "lin2"], ["lin2"]),
-    "mpnet": (["k", "v", "output.dense"], ["output.dense"]),
-}
-"""Default IA3 ``(target_modules, feedforward_modules)`` per ``config.model_type``."""
 
 
 # --------------------------------------------------------------------------- model anatomy

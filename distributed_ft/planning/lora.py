@@ -6,34 +6,8 @@ import re
 from collections.abc import Iterable
 
 from distributed_ft.errors import ConfigError
+from distributed_ft.modeling.targets import LORA_TARGETS
 from distributed_ft.planning.models import ModelShape, ModuleSpec
-
-# PEFT's default LoRA targets per architecture (used when ``peft.target_modules`` is not set).
-DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {
-    "bert": ("query", "value"),
-    "roberta": ("query", "value"),
-    "xlm-roberta": ("query", "value"),
-    "electra": ("query", "value"),
-    "distilbert": ("q_lin", "v_lin"),
-    "deberta": ("in_proj",),
-    "deberta-v2": ("query_proj", "value_proj"),
-    "mpnet": ("q", "v"),
-    "t5": ("q", "v"),
-    "gpt2": ("c_attn",),
-    "gpt_neox": ("query_key_value",),
-    "bloom": ("query_key_value",),
-    "falcon": ("query_key_value",),
-    "opt": ("q_proj", "v_proj"),
-    "llama": ("q_proj", "v_proj"),
-    "mistral": ("q_proj", "v_proj"),
-    "mixtral": ("q_proj", "v_proj"),
-    "qwen2": ("q_proj", "v_proj"),
-    "qwen3": ("q_proj", "v_proj"),
-    "gemma": ("q_proj", "v_proj"),
-    "gemma2": ("q_proj", "v_proj"),
-    "phi": ("q_proj", "v_proj"),
-    "phi3": ("qkv_proj",),
-}
 
 
 def _is_output_layer(spec: ModuleSpec, shape: ModelShape) -> bool:
@@ -48,11 +22,11 @@ def lora_target_modules(shape: ModelShape, targets: Iterable[str] | str | None) 
     the output layer; ``None`` uses PEFT's default for the architecture.
     """
     if targets is None:
-        if shape.model_type not in DEFAULT_LORA_TARGETS:
+        if shape.model_type not in LORA_TARGETS:
             raise ConfigError(
                 f"no default LoRA targets for model type {shape.model_type!r}; set peft.target_modules"
             )
-        targets = DEFAULT_LORA_TARGETS[shape.model_type]
+        targets = LORA_TARGETS[shape.model_type]
     if isinstance(targets, str) and targets != "all-linear":
         pattern = re.compile(targets)
         return [m for m in shape.modules if pattern.fullmatch(m.name)]

@@ -1,129 +1,36 @@
-"""Check the capacity plan against a short real job: predicted vs measured memory per rank.
+"""The plan vs a measured job: predicted and measured memory per rank, and the report of the two.
 
-``dft plan --validate`` builds the job's model (PEFT applied) and engine, takes a few optimizer steps on
-synthetic full-length batches (``train.batch_size`` x ``data.max_length``: the shape the planner assumes)
-and compares, per rank, what the planner predicts with what the process holds:
+``dft plan --validate`` measures a short real job (``train/measure.py``: a few optimizer steps on
+synthetic full-length batches, ``train.batch_size`` x ``data.max_length``, the shape the planner assumes)
+and hands the per-rank :class:`Measurement` s here, where :func:`compare` sets them beside the plan:
 
-* **parameters, gradients, optimizer states**: counted from the tensors by ``engine.state_bytes()``
-  right before the optimizer step of a step after the first (gradients are alive and AdamW's moments
-  exist), the peak the planner models;
+* **parameters, gradients, optimizer states**: counted from the tensors right before the optimizer step
+  of a step after the first (gradients are alive and AdamW's moments exist), the peak the planner models;
 * **activations**: the bytes of the tensors autograd saves for the backward pass during one forward pass
-  and loss, each storage counted once and parameters left out (``torch.autograd.graph.saved_tensors_hooks``),
-  the quantity the planner's activation model counts;
+  and loss (each storage once, parameters left out), the quantity the planner's activation model counts;
 * process RSS (current and peak) and, on CUDA, the peak reserved memory, for context: they include
   buffers, the allocator's cache and the Python process, which the component rows do not.
 
 Offloaded states are compared as device + host bytes (on a CPU-only machine both are the same RAM).
-
-The planning layer may not import engines or tasks (the import contracts in ``pyproject.toml``), so the
-caller hands in ``build_engine`` and the task; DeepSpeed's own estimator, when wanted, comes in the same
-way as ``reference`` (the benchmarks call it; ``planning/`` never imports DeepSpeed).
+Only the standard library and the planner are imported here.
 """
 
 from __future__ import annotations
 
-import os
-import resource
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from torch import nn
-
 from distributed_ft.config.schema import JobConfig
 from distributed_ft.planning.memory import BufferModel, state_bytes_per_rank
 from distributed_ft.planning.planner import plan_job
-from distributed_ft.runtime.context import RuntimeContext
 
 MiB = 1024**2
 STATE_COMPONENTS = ("parameters", "gradients", "optimizer_states")
 COMPONENTS = (*STATE_COMPONENTS, "activations")
-Reference = Callable[[nn.Module, JobConfig, int], dict[str, Any]]
+Reference = Callable[[Any, JobConfig, int], dict[str, Any]]
 """``(model before prepare, config, world size) -> {"name", "model_states" (bytes per rank), "note"}``."""
-
-
-def rss_bytes() -> int:
-    """Resident set size of this process now (Linux ``/proc``; 0 where unavailable)."""
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def peak_rss_bytes() -> int:
-    """The largest resident set size this process has had (``ru_maxrss``)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-class SavedTensorMeter:
-    """Bytes of the tensors autograd saves for backward inside the ``with`` block.
-
-    Each storage is counted once (views of one buffer share it); parameters, including ZeRO-3 parameters
-    gathered for the forward pass, are left out: they are model states, not activations.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self._param_storages = {
-            p.untyped_storage().data_ptr()
-            for p in model.parameters()
-            if p.numel() and p.device.type != "meta"
-        }
-        self._seen: dict[tuple[str, int], int] = {}
-        self._hooks: Any = None
-
-    def _is_parameter(self, tensor: torch.Tensor) -> bool:
-        if isinstance(tensor, nn.Parameter) or hasattr(tensor, "ds_id"):
-            return True
-        return tensor.untyped_storage().data_ptr() in self._param_storages
-
-    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.numel() and not self._is_parameter(tensor):
-            storage = tensor.untyped_storage()
-            self._seen.setdefault((str(tensor.device), storage.data_ptr()), storage.nbytes())
-        return tensor
-
-    @staticmethod
-    def _unpack(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
-
-    @property
-    def bytes(self) -> int:
-        """Saved bytes so far."""
-        return sum(self._seen.values())
-
-    def __enter__(self) -> SavedTensorMeter:
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._hooks.__exit__(*exc)
-
-
-def synthetic_batch(
-    task: str, model: nn.Module, batch_size: int, seq_len: int, generator: torch.Generator
-) -> dict[str, torch.Tensor]:
-    """A full-length batch of random token ids with labels of the right shape for ``task``."""
-    cfg = model.config
-    vocab = int(cfg.vocab_size)
-    low = min(1000, vocab // 2)  # past the special tokens of BERT-like vocabularies
-    ids = torch.randint(low, vocab, (batch_size, seq_len), generator=generator)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    num_labels = int(getattr(cfg, "num_labels", 2))
-    if task == "token_classification":
-        batch["labels"] = torch.randint(0, num_labels, ids.shape, generator=generator)
-    elif task == "sequence_classification":
-        if getattr(cfg, "problem_type", None) == "multi_label_classification":
-            batch["labels"] = torch.randint(0, 2, (batch_size, num_labels), generator=generator).float()
-        else:
-            batch["labels"] = torch.randint(0, num_labels, (batch_size,), generator=generator)
-    else:
-        batch["labels"] = ids.clone()
-    return batch
 
 
 @dataclass
@@ -143,64 +50,6 @@ class Measurement:
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-def measure(
-    config: JobConfig,
-    context: RuntimeContext,
-    model: nn.Module,
-    engine: Any,
-    loss: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor],
-    *,
-    steps: int = 3,
-) -> Measurement:
-    """Take ``steps`` (>= 2) optimizer steps on synthetic batches and measure this rank.
-
-    Step 0 creates the optimizer states; step 1 is measured (saved tensors in its forward pass, model
-    states before its optimizer step); the others are only timed. ``model`` is the unwrapped model the
-    engine was prepared with.
-    """
-    steps = max(steps, 2)
-    generator = torch.Generator().manual_seed(1234 + context.rank)
-    batch_size, seq_len = config.train.batch_size, config.data.max_length
-    batches = [synthetic_batch(config.task, model, batch_size, seq_len, generator) for _ in range(steps)]
-    cuda = context.device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(context.device)
-    engine.train(True)
-    times: list[float] = []
-    before = after = {}
-    activations = 0
-    for index, batch in enumerate(batches):
-        metered = index == 1
-        if cuda:
-            torch.cuda.synchronize(context.device)
-        started = time.perf_counter()
-        if metered:
-            with SavedTensorMeter(model) as meter:
-                value = loss(engine.forward(batch), batch)
-            activations = meter.bytes
-        else:
-            value = loss(engine.forward(batch), batch)
-        engine.backward(value)
-        if metered:
-            before = engine.state_bytes()
-        engine.step()
-        if metered:
-            after = engine.state_bytes()
-        if cuda:
-            torch.cuda.synchronize(context.device)
-        times.append(time.perf_counter() - started)
-    return Measurement(
-        rank=context.rank,
-        state_bytes=dict(before),
-        state_bytes_after_step=dict(after),
-        activations=activations,
-        rss_bytes=rss_bytes(),
-        peak_rss_bytes=peak_rss_bytes(),
-        step_seconds=times,
-        device_peak_reserved=torch.cuda.max_memory_reserved(context.device) if cuda else None,
-    )
 
 
 def plan_config(config: JobConfig, world_size: int, device_type: str) -> JobConfig:
@@ -385,46 +234,29 @@ class ValidationReport:
         return "\n".join(lines)
 
 
-def validate_plan(
+def compare(
     config: JobConfig,
-    context: RuntimeContext,
+    ranks: list[Measurement],
     *,
-    engine: Any,
-    model: nn.Module,
-    task: Any,
+    device_type: str,
+    num_labels: int | None,
+    ds_config: dict[str, Any] | None = None,
+    reference: dict[str, Any] | None = None,
     steps: int = 3,
-    reference: Reference | None = None,
 ) -> ValidationReport:
-    """Run a short real job and compare the planner's per-rank memory with what each rank holds.
-
-    Every rank must call this (the engine's collectives); every rank gets the same report.
+    """Set every rank's measurement beside the plan of the same job on ``len(ranks)`` devices.
 
     Args:
-        config: The job config (``train.batch_size`` and ``data.max_length`` set the batch shape).
-        context: Where this process runs.
-        engine: The job's engine, not yet prepared (handed in: planning may not import engines).
-        model: The job's model as ``train.job.build_model`` builds it (PEFT applied, ZeRO-3 partitioned).
-        task: The job's task object (``loss_sum``, ``loss_weight``).
-        steps: Optimizer steps to take (at least 2; the first two are not timed).
-        reference: Another estimator to show beside the planner (DeepSpeed's; see ``benchmarks``).
+        config: The measured job's config.
+        ranks: One measurement per rank, in rank order.
+        device_type: ``cuda`` or ``cpu``: where the job ran.
+        num_labels: The head's labels (``None`` for causal LMs).
+        ds_config: The DeepSpeed config the engine rendered (its ZeRO buffer sizes), if any.
+        reference: Another estimator's row to show beside the planner (DeepSpeed's).
+        steps: The optimizer steps each rank took.
     """
-    num_labels = getattr(model.config, "num_labels", None) if config.task != "causal_lm" else None
-    reference_row = reference(model, config, context.world_size) if reference else None
-    engine.prepare(model, total_steps=max(steps, 2))
-    unwrapped = engine.module
-
-    def mean_loss(outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return task.loss_sum(outputs, batch) / task.loss_weight(batch).clamp(min=1)
-
-    own = measure(config, context, unwrapped, engine, mean_loss, steps=steps)
-    ranks = [Measurement(**m) for m in context.all_gather_object(own.to_json())]
-    predicted, plan = predict(
-        config,
-        context.world_size,
-        context.device.type,
-        num_labels,
-        buffers=buffer_model(getattr(engine, "ds_config", None)),
-    )
+    world_size = len(ranks)
+    predicted, plan = predict(config, world_size, device_type, num_labels, buffers=buffer_model(ds_config))
     stage = plan.setup["effective_zero_stage"]
     offload = [k.removeprefix("offload_") for k in ("offload_optimizer", "offload_param") if plan.setup[k]]
     setup = {
@@ -434,12 +266,12 @@ def validate_plan(
         "offload": offload,
         "peft": config.peft.method if config.peft.method != "none" else "full fine-tuning",
         "trainable_params": plan.setup["trainable_params"],
-        "world_size": context.world_size,
-        "device": context.device.type,
+        "world_size": world_size,
+        "device": device_type,
         "micro_batch": config.train.batch_size,
         "seq_len": config.data.max_length,
         "precision": plan.setup["precision"],
-        "steps": max(steps, 2),
+        "steps": steps,
         "activations_measured_by": "saved_tensors_hooks (one forward + loss, parameters excluded)",
     }
-    return ValidationReport(setup, predicted, ranks, reference_row, plan.to_json())
+    return ValidationReport(setup, predicted, ranks, reference, plan.to_json())

@@ -70,6 +70,10 @@ class RuntimeContext(Protocol):
         """Copy what a user keeps from ``run_dir`` to durable storage (Ray); a no-op where it already is."""
         ...
 
+    def durable_location(self, run_dir: Path, name: str) -> str:
+        """Where ``name`` of the run directory is kept once persisted (Ray: under ``run.storage_path``)."""
+        ...
+
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Reduce ``tensor`` (on ``device``) across ranks in place and return it; world size 1: unchanged."""
         ...
@@ -134,6 +138,9 @@ class ProcessGroupContext:
 
     def persist(self, run_dir: Path, final: bool = False) -> None:
         del run_dir, final
+
+    def durable_location(self, run_dir: Path, name: str) -> str:
+        return str(run_dir / name)
 
     def tensor(self, values: Any, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)

@@ -29,7 +29,6 @@ class Task(Protocol):
     """A task: its data encoding, model head, loss, predictions and metrics."""
 
     name: str
-    default_metric: str
     metrics: dict[str, str]
     """Metric name -> ``"max"`` or ``"min"``: what ``eval.metric`` may be and which way is better."""
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distributed_ft.config.schema import JobConfig
-from distributed_ft.config.task_metrics import DEFAULT_METRICS, TASK_METRICS
+from distributed_ft.config.task_metrics import TASK_METRICS
 from distributed_ft.data import readers
 from distributed_ft.data.builtin import resolve
 from distributed_ft.data.prepare import (
@@ -188,7 +188,6 @@ class CausalLMTask:
     """Supervised fine-tuning of a decoder on instructions or chats; scored by loss and perplexity."""
 
     name = "causal_lm"
-    default_metric = DEFAULT_METRICS["causal_lm"]
     metrics = METRICS
 
     def __init__(self, config: JobConfig) -> None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distributed_ft.config.schema import JobConfig
-from distributed_ft.config.task_metrics import DEFAULT_METRICS, TASK_METRICS
+from distributed_ft.config.task_metrics import TASK_METRICS
 from distributed_ft.data import readers
 from distributed_ft.data.builtin import resolve
 from distributed_ft.data.prepare import (
@@ -109,7 +109,6 @@ class SequenceClassificationTask:
     """Text and text-pair classification, single- or multi-label, with optional entity markers."""
 
     name = "sequence_classification"
-    default_metric = DEFAULT_METRICS["sequence_classification"]
     metrics = METRICS
 
     def __init__(self, config: JobConfig) -> None:

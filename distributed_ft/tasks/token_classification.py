@@ -18,7 +18,7 @@ from seqeval.scheme import IOB2
 from torch import nn
 
 from distributed_ft.config.schema import JobConfig
-from distributed_ft.config.task_metrics import DEFAULT_METRICS, TASK_METRICS
+from distributed_ft.config.task_metrics import TASK_METRICS
 from distributed_ft.data import readers
 from distributed_ft.data.builtin import resolve
 from distributed_ft.data.prepare import (
@@ -124,7 +124,6 @@ class TokenClassificationTask:
     """NER and other word-tagging tasks."""
 
     name = "token_classification"
-    default_metric = DEFAULT_METRICS["token_classification"]
     metrics: ClassVar[dict[str, str]] = TASK_METRICS["token_classification"]
     """Metrics ``eval.metric`` may name, and whether each is maximised or minimised."""
 

@@ -1,7 +1,7 @@
 """THE training loop: one function, the same under every launcher, engine and backend.
 
 It sees only the seams: a RuntimeContext (where it runs), an Engine (how a step is taken) and a
-BatchSource (this rank's batches). Hooks are explicit: evaluation, checkpointing and early stopping
+PositionedSource (this rank's batches). Hooks are explicit: evaluation, checkpointing and early stopping
 (:class:`~distributed_ft.train.validation.Validation`). One optimizer step is ``train_step(window)``
 (:mod:`distributed_ft.train.step`); device values are read on the host only at ``log_every``, at
 evaluations and at checkpoints.
@@ -278,7 +278,7 @@ def finish(
     if context.is_main:
         job.tokenizer.save_pretrained(export_dir)
         write_export_extras(engine.module, export_dir)
-        results["export"] = str(export_dir)
+        results["export"] = context.durable_location(job.run_dir, "export")
         (job.run_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
     metrics_log.close()
     context.persist(job.run_dir, final=True)

@@ -3,7 +3,7 @@
 One ``torchrun --nproc_per_node 2`` launch runs this file as a worker: for ZeRO 0-3 x full fine-tuning /
 LoRA (ZeRO-3 twice: DeepSpeed's default persistence threshold, under which every tensor of the tiny model
 stays whole on each rank, and threshold 0, under which everything is partitioned) it calls
-``distributed_ft.planning.validate.validate_plan``: the library's model and ``DeepSpeedEngine``, two
+``distributed_ft.train.measure.validate_plan``: the library's model and ``DeepSpeedEngine``, two
 optimizer steps, ``engine.state_bytes()`` before the second optimizer step. Parameters, gradients and
 optimizer states must each be within 5% of the prediction on every rank. DeepSpeed's own estimator is
 printed beside it (it is not held to anything: it assumes mixed precision and no PEFT).
@@ -38,16 +38,11 @@ CASES = {
 
 def _worker(model: str, out: Path, work: Path) -> None:
     """One rank: validate every case; rank 0 writes the reports."""
-    sys.path.insert(0, str(REPO))
     import transformers
 
-    from benchmarks.ds_estimator import deepspeed_estimate
     from distributed_ft.config.load import load_config
-    from distributed_ft.engine import build_engine
-    from distributed_ft.planning.validate import validate_plan
     from distributed_ft.runtime.context import create_context
-    from distributed_ft.tasks import get_task
-    from distributed_ft.train.job import build_model
+    from distributed_ft.train.measure import validate_plan
 
     transformers.logging.set_verbosity_error()
     context = create_context()
@@ -70,16 +65,7 @@ def _worker(model: str, out: Path, work: Path) -> None:
             context.barrier()
             overrides.append(f"deepspeed.config={ds_file}")
         config, _ = load_config("ner-conll2003", overrides)
-        task, engine = get_task(config), build_engine(config, context)
-        report = validate_plan(
-            config,
-            context,
-            engine=engine,
-            model=build_model(config, task, LABELS, engine),
-            task=task,
-            steps=2,
-            reference=deepspeed_estimate,
-        )
+        report = validate_plan(config, context, labels=LABELS, steps=2)
         reports[name] = report.to_json()
     if context.is_main:
         out.write_text(json.dumps(reports, default=str))

@@ -117,6 +117,11 @@ def test_two_nodes_without_a_shared_disk_write_to_the_bucket_and_survive_a_lost_
     assert f"s3://{bucket}/runs/straight" in out
     results = json.loads(read("straight", "results.json"))
     assert results["world_size"] == 2 and results["steps"] == 30 and "f1" in results["test"]
+    assert results["export"] == f"s3://{bucket}/runs/straight/export"  # not a worker's scratch path
+    assert f"exported model: s3://{bucket}/runs/straight/export" in out
+    local = tmp_path / "straight"  # the driver's copy: the run's files and export, no checkpoints
+    assert (local / "results.json").is_file() and (local / "export" / "config.json").is_file()
+    assert not list(local.glob("step-*")), sorted(p.name for p in local.iterdir())
     straight = dict(_losses(read("straight", "metrics.jsonl")))
     assert sorted(straight) == list(range(1, 31))
     assert any(k.endswith("export/model.safetensors") for k in keys("straight"))

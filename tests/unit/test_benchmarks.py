@@ -155,6 +155,25 @@ def test_loops_smoke(bench_cache, tmp_path):
     assert ratios[("ours / plain", "samples_per_s")] > 0 and ratios[("ours / hf", "samples_per_s")] > 0
 
 
+def test_dft_bench_runs_the_checkout_runner_and_passes_its_exit_code(capfd):
+    """``dft bench`` is ``python -m benchmarks`` in the checkout: its output, its exit code."""
+    from distributed_ft.cli import main
+
+    assert main(["bench", "--list"]) == 0
+    assert set(runner.experiment_names()) <= set(capfd.readouterr().out.split())
+    assert main(["bench", "no-such-experiment"]) == 2
+    assert "no experiment 'no-such-experiment'" in capfd.readouterr().err
+
+
+def test_dft_bench_outside_a_checkout_is_one_line_exit_2(monkeypatch, capsys):
+    from distributed_ft import cli
+
+    monkeypatch.setattr(cli, "_checkout_root", lambda: None)
+    assert cli.main(["bench", "loops"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "source checkout" in err
+
+
 def test_data_pipeline_smoke_through_dft_bench(bench_cache, tmp_path, capsys):
     from distributed_ft.cli import main
 

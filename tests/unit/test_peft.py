@@ -183,12 +183,18 @@ def test_method_switches_are_checked_in_the_config(tiny_bert):
         _bert(tiny_bert, method="freeze", train_top_k_layers=3)
 
 
-def test_default_lora_targets_agree_with_the_planner():
-    from distributed_ft.planning.lora import DEFAULT_LORA_TARGETS
+def test_one_target_table_serves_the_adapters_and_the_planner(tiny_bert, monkeypatch):
+    """``modeling/targets.py`` is the only table: a change there reaches PEFT and the planner alike."""
+    from transformers import AutoModel
 
-    for model_type, targets in dft_peft.LORA_TARGETS.items():
-        if model_type in DEFAULT_LORA_TARGETS:
-            assert tuple(targets) == DEFAULT_LORA_TARGETS[model_type], model_type
+    from distributed_ft.modeling import targets
+    from distributed_ft.planning import lora_target_modules, shape_from_config
+
+    monkeypatch.setitem(targets.LORA_TARGETS, "bert", ("key",))
+    model = AutoModel.from_pretrained(tiny_bert)
+    assert dft_peft.default_targets(model, "lora") == (["key"], None)
+    planned = lora_target_modules(shape_from_config(model.config), None)
+    assert planned and {m.name.rsplit(".", 1)[-1] for m in planned} == {"key"}
 
 
 def test_checkpoint_state_is_adapter_only_and_reloads(tiny_bert):

@@ -25,19 +25,13 @@ from distributed_ft.planning import (
     shape_from_pretrained,
     state_bytes_per_rank,
 )
-from distributed_ft.testing import tensor_bytes
+from distributed_ft.testing import TINY_BERT, tensor_bytes
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 GiB = 1024**3
-TINY = {
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 128,
-    "vocab_size": 500,
-}
+TINY = {**TINY_BERT, "vocab_size": 500}
 
 
 def _tiny_bert(num_labels: int = 9):
@@ -204,19 +198,14 @@ def test_activations_reduce_to_korthikanti_for_gpt_blocks():
 
 
 def test_activations_measured_on_cpu_within_ten_percent():
+    from distributed_ft.train.measure import SavedTensorMeter
+
     cfg, _ = _tiny_bert()
     model = transformers.AutoModelForTokenClassification.from_config(cfg, attn_implementation="eager").train()
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     s, b = 64, 4
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedTensorMeter(model) as meter:  # what dft plan --validate measures
         model(input_ids=torch.randint(0, 500, (b, s)), labels=torch.randint(0, 9, (b, s)))
-    measured = sum(n for ptr, n in seen.items() if ptr not in params)
+    measured = meter.bytes
     shape = shape_from_config(cfg, "token_classification")
     predicted = activation_bytes(shape, s, b, compute_bytes=4, mask_bytes=4)
     assert 0.9 < predicted / measured < 1.1
@@ -360,7 +349,10 @@ def test_planning_imports_no_heavy_dependencies():
         text = path.read_text()
         for banned in ("deepspeed", "peft", "ray"):
             assert f"import {banned}" not in text and f"from {banned}" not in text, path
-    code = "import sys, distributed_ft.planning; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    code = (
+        "import sys, distributed_ft.planning, distributed_ft.planning.validate; "
+        "print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 
