@@ -103,3 +103,27 @@ def test_each_local_process_takes_its_share_of_the_cores(monkeypatch):
     assert share_of_cores(16, env={})[0] == 1  # never zero
     assert share_of_cores(2, env={"OMP_NUM_THREADS": "3"}) == (3, "OMP_NUM_THREADS")  # the user's (or Ray's)
     assert local_world_size({"LOCAL_WORLD_SIZE": "4"}) == 4 and local_world_size({}) == 1
+
+
+def test_a_ray_worker_reads_the_preemption_notice_without_a_barrier(monkeypatch):
+    """Ray's public ``get_preemption_info`` is a barrier per call; the worker's own copy is read instead."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("ray")
+    import ray.train
+    from ray.train.v2._internal.execution import context as ray_context
+
+    from distributed_ft.backends.ray_train import preemption_noticed
+
+    def barrier() -> None:
+        raise AssertionError("the public API (a barrier) was called")
+
+    monkeypatch.setattr(ray.train, "get_preemption_info", barrier)
+    for info, expected in ((None, False), (object(), True)):
+        notice = SimpleNamespace(preemption_context=SimpleNamespace(preemption_info=info))
+        monkeypatch.setattr(ray_context, "get_train_context", lambda notice=notice: notice)
+        assert preemption_noticed() is expected
+    # a Ray that keeps the notice elsewhere: the public API answers
+    monkeypatch.setattr(ray_context, "get_train_context", lambda: SimpleNamespace())
+    monkeypatch.setattr(ray.train, "get_preemption_info", lambda: object())
+    assert preemption_noticed() is True
