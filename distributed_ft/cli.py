@@ -49,6 +49,25 @@ def _job_source(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     return source, overrides
 
 
+def _positive(text: str) -> float:
+    """An argparse type: a number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """An argparse type: a number in (0, 1]."""
+    value = _positive(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at most 1 (e.g. 0.4 for 40 %)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``dft`` argument parser with all its sub-commands."""
     parser = argparse.ArgumentParser(
@@ -100,9 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="predict memory, fit, throughput, time and cost on a cluster")
     _job_arguments(plan)
     plan.add_argument("--json", action="store_true", help="print one JSON object")
-    plan.add_argument("--tokens", type=float, help="training tokens to plan for (default: from the data)")
-    plan.add_argument("--mfu", type=float, help="model FLOPs utilisation to assume")
-    plan.add_argument("--measured-tokens-per-s", type=float, help="use a measured throughput instead")
+    plan.add_argument("--tokens", type=_positive, help="training tokens to plan for (default: from the data)")
+    plan.add_argument("--mfu", type=_fraction, help="model FLOPs utilisation to assume (0 < MFU <= 1)")
+    plan.add_argument("--measured-tokens-per-s", type=_positive, help="use a measured throughput instead")
     plan.add_argument(
         "--validate",
         action="store_true",

@@ -46,10 +46,20 @@ def _read_source(source: str) -> tuple[dict[str, Any], str]:
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+        raise ConfigError(_yaml_error(source, exc)) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
     return raw, name
+
+
+def _yaml_error(source: str, exc: yaml.YAMLError) -> str:
+    """``FILE:LINE:COLUMN: not valid YAML (...)``, one line."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+    problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    context = getattr(exc, "context", None)
+    detail = f"{problem} ({' '.join(str(context).split())})" if context else problem
+    return f"{where}: not valid YAML: {detail}; check the indentation, the ':' after each key and the quotes"
 
 
 def _valid_keys(model: type[BaseModel] = JobConfig, prefix: str = "") -> list[str]:
@@ -68,7 +78,35 @@ def _valid_keys(model: type[BaseModel] = JobConfig, prefix: str = "") -> list[st
     return keys
 
 
+TRAINER_NAMES = {
+    "learning_rate": "train.lr",
+    "num_train_epochs": "train.epochs",
+    "per_device_train_batch_size": "train.batch_size",
+    "per_device_eval_batch_size": "eval.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "lr_scheduler_type": "train.scheduler",
+    "warmup_steps": "train.warmup_ratio",
+    "logging_steps": "train.log_every",
+    "eval_steps": "train.eval_every",
+    "save_steps": "train.save_every",
+    "save_total_limit": "train.keep_checkpoints",
+    "bf16": "train.mixed_precision",
+    "fp16": "train.mixed_precision",
+    "max_seq_length": "data.max_length",
+    "model_name_or_path": "model.name",
+    "metric_for_best_model": "eval.metric",
+    "lora_r": "peft.r",
+    "lora_alpha": "peft.alpha",
+    "lora_dropout": "peft.dropout",
+    "output_dir": "run.output_dir",
+}
+"""Hugging Face ``TrainingArguments`` / PEFT names a user may bring along, and this config's key."""
+
+
 def _closest_key(key: str) -> str:
+    known = TRAINER_NAMES.get(key.rsplit(".", 1)[-1])
+    if known is not None and known != key:
+        return f"; did you mean {known!r}?"
     keys = _valid_keys()
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
     if not close:  # compare the last component only: 'train.learning_rate' -> 'train.lr'

@@ -1,5 +1,4 @@
-"""Each task's metrics, their direction and its default metric: the one table ``eval.metric`` and the
-tasks both read.
+"""Each task's metrics, their direction and its default: the table ``eval.metric`` and the tasks read.
 
 Torch-free, so a metric the task does not have fails when the config loads; ``tasks/*.py`` take their
 ``metrics`` from here, and ``eval.metric`` resolves to the default (:func:`resolve_metric`).

@@ -551,7 +551,13 @@ def read_class_folders(path: str | os.PathLike[str]) -> pa.Table:
         raise DataError(f"{root}: not a directory; a folder-per-class layout is DIR/<label>/<file>.txt")
     texts, labels, files = [], [], []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for file in sorted(f for f in folder.rglob("*") if f.is_file() and not f.name.startswith(".")):
+        examples = sorted(f for f in folder.rglob("*") if f.is_file() and not f.name.startswith("."))
+        if not examples:
+            raise DataError(
+                f"{folder}: empty class folder (class {folder.name!r} would have no examples); add its text "
+                "files or remove the folder"
+            )
+        for file in examples:
             text = _read_text(str(file)).strip()
             if not text:
                 raise DataError(f"{file}:1: empty file; every file of {folder} must hold one example's text")

@@ -16,6 +16,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from distributed_ft.config.model_source import missing_model_dir
 from distributed_ft.config.schema import ModelConfig
 from distributed_ft.data import builtin
 from distributed_ft.errors import ConfigError
@@ -40,9 +41,13 @@ def resolve_model_path(name: str) -> str:
 
 
 def _load_error(name: str, exc: Exception) -> ConfigError:
+    missing = missing_model_dir(name)
+    if missing is not None:
+        return ConfigError(missing)
     where = "local directory" if Path(name).exists() else "hub id (no network here?)"
+    reason = str(exc).rstrip(". ")
     return ConfigError(
-        f"could not load model.name={name!r} as a {where}: {exc}. Pass a directory written by "
+        f"could not load model.name={name!r} as a {where}: {reason}. Pass a directory written by "
         "save_pretrained, a reachable hub id, or builtin:minilm-l6"
     )
 

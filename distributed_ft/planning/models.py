@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from distributed_ft.config.model_source import missing_model_dir
 from distributed_ft.errors import ConfigError
 
 # Fallback shapes for the packaged ``builtin:`` models (published config values), so planning needs no files.
@@ -151,6 +152,9 @@ def load_model_config(source: str, *, revision: str | None = None) -> Any:
             )
         values = dict(BUILTIN_CONFIGS[key])
         return CONFIG_MAPPING[values.pop("model_type")](**values)
+    missing = missing_model_dir(source)
+    if missing is not None:
+        raise ConfigError(missing)
     try:
         return AutoConfig.from_pretrained(source, revision=revision)
     except (OSError, ValueError) as exc:

@@ -213,7 +213,11 @@ class CheckpointManager:
             return self.latest
         path = Path(resume)
         if not is_complete(path):
-            raise CheckpointError(f"run.resume={resume!r} is not a complete checkpoint (no {STATE_FILE})")
+            what = f"is not a complete checkpoint (no {STATE_FILE})" if path.is_dir() else "does not exist"
+            raise CheckpointError(
+                f"run.resume={resume!r} {what}; give a step-NNNNNNN directory of a run's checkpoints/, "
+                "run.resume=auto (the newest complete checkpoint of run.output_dir) or run.resume=never"
+            )
         return path
 
     def load(self, engine: Engine, directory: Path) -> RunState:

@@ -189,4 +189,4 @@ def test_missing_data_and_bad_model_fail_with_clear_errors(tiny_job, capsys):
     assert main(["-q", "train", "ner-conll2003", *tiny_job, "data.train=/nope/train.conll"]) == 2
     assert "/nope/train.conll" in capsys.readouterr().err
     assert main(["-q", "train", "ner-conll2003", *tiny_job, "model.name=/nope/model"]) == 2
-    assert "could not load model.name='/nope/model'" in capsys.readouterr().err
+    assert "model.name='/nope/model': /nope/model does not exist" in capsys.readouterr().err
