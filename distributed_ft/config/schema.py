@@ -295,6 +295,25 @@ class RunConfig(_Section):
     """Ray: resources each worker reserves, e.g. {CPU: 8, GPU: 1}."""
     ray_run_name: str | None = None
     """Ray: the run name under ``storage_path`` (default: the run directory's name)."""
+    hang_timeout_s: float | None = Field(None, gt=0)
+    """A rank that makes no step progress for this long writes every thread's stack and its last
+    collectives to ``RUN_DIR/hangs/rank-N.txt`` and exits non-zero, so the launcher restarts the run from
+    its last checkpoint (``null``: no watchdog)."""
+
+
+class TrackConfig(_Section):
+    """``track.*``: where a run's metrics go besides ``metrics.jsonl`` (rank 0; JSONL stays the record)."""
+
+    tensorboard: bool = False
+    """Write TensorBoard event files to ``RUN_DIR/tensorboard`` (needs the ``tracking`` extra)."""
+    mlflow: bool = False
+    """Log the run to MLflow: params (the resolved config), metrics per step, the export as an artifact."""
+    mlflow_tracking_uri: str | None = None
+    """MLflow tracking URI; ``null``: a local file store in ``RUN_DIR/mlruns``."""
+    mlflow_experiment: str = "distributed_ft"
+    """MLflow experiment name."""
+    report: bool = True
+    """Write ``RUN_DIR/report/`` at the end of the run: PNG curves and ``report.md`` (``dft report``)."""
 
 
 class ClusterConfig(_Section):
@@ -320,6 +339,7 @@ class JobConfig(_Section):
     peft: PeftConfig = PeftConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     run: RunConfig = RunConfig()
+    track: TrackConfig = TrackConfig()
     cluster: ClusterConfig = ClusterConfig()
 
     @field_validator("data", mode="before")
