@@ -312,21 +312,6 @@ def memory_snapshot() -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- FLOPs
-def matmul_peak_flops(size: int = 1024, seconds: float = 0.4, dtype: str = "float32") -> float:
-    """Best achieved FLOP/s of ``size x size`` matmuls on the CPU with this process's threads."""
-    import torch
-
-    a = torch.randn(size, size, dtype=getattr(torch, dtype))
-    b = torch.randn(size, size, dtype=getattr(torch, dtype))
-    torch.mm(a, b)
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        started = time.perf_counter()
-        torch.mm(a, b)
-        best = max(best, 2 * size**3 / (time.perf_counter() - started))
-    return best
-
-
 def peak_flops(dtype: str = "fp32") -> dict[str, Any]:
     """Peak FLOP/s per unit of compute: per GPU from the planner's table, per CPU thread from a probe.
 
@@ -345,10 +330,12 @@ def peak_flops(dtype: str = "fp32") -> dict[str, Any]:
             return {"flops": spec.peak_flops(dtype), "unit": "gpu", "source": f"planner table: {spec.name}"}
         except Exception as exc:  # an unknown GPU: fall back to the probe
             note = f"; {name} is not in the planner's table ({exc})"
+    from distributed_ft.train.throughput import matmul_peak_flops
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        probe = matmul_peak_flops(dtype="float32" if dtype == "fp32" else "bfloat16")
+        probe = matmul_peak_flops(dtype=torch.float32 if dtype == "fp32" else torch.bfloat16)
     finally:
         torch.set_num_threads(threads)
     source = f"measured fp32 matmul probe, {probe / 1e9:,.1f} GFLOP/s per thread"

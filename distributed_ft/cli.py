@@ -23,6 +23,7 @@ EPILOG = """examples:
   dft config show ner-conll2003
   dft predict runs/exp1 --input sentences.txt
   dft evaluate runs/exp1 data.test=data/test.conll
+  dft report runs/exp1 runs/exp2 --out report   # curves overlaid + report.md
   torchrun --nproc_per_node 2 -m distributed_ft train my_job.yaml run.num_workers=2
 """
 
@@ -128,6 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a few real steps and print predicted vs measured memory per rank (torchrun: every rank)",
     )
     plan.add_argument("--validate-steps", type=int, default=3, help="optimizer steps for --validate (>= 2)")
+
+    report = commands.add_parser(
+        "report",
+        help="plot runs' curves and tabulate their final metrics (PNG + report.md)",
+        description="Plot training loss, learning rate, evaluation metrics and tokens/s against steps from "
+        "each RUN's metrics.jsonl (several runs overlaid, the legend naming each run directory), and write "
+        "report.md: the final metrics of results.json and the per-type / per-class reports. Also writes "
+        "series.json, the data of every plotted line. Plots need matplotlib; without it only report.md "
+        "is written. Runs write their own report/ at the end unless track.report=false.",
+    )
+    report.add_argument("runs", nargs="+", metavar="RUN", help="run directory (holds metrics.jsonl)")
+    report.add_argument(
+        "--out", help="output directory (default: RUN/report for one run, ./report for several)"
+    )
 
     bench = commands.add_parser(
         "bench",
@@ -299,6 +314,22 @@ def _validate_plan(config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """``dft report``: curves and tables of one or more runs (torch-free)."""
+    from distributed_ft.train.report import write_report
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    log.propagate = False
+    runs = [Path(run) for run in args.runs]
+    out = Path(args.out) if args.out else runs[0] / "report" if len(runs) == 1 else Path("report")
+    report = write_report(runs, out)
+    print(report.directory / "report.md")
+    return 0
+
+
 def _checkout_root() -> Path | None:
     """The source checkout this package runs from (it has ``benchmarks/runner.py``), else ``None``."""
     root = Path(__file__).resolve().parents[1]
@@ -337,6 +368,7 @@ COMMANDS = {
     "data": cmd_data,
     "config": cmd_config,
     "plan": cmd_plan,
+    "report": cmd_report,
     "bench": cmd_bench,
 }
 
@@ -353,7 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    _quiet_libraries(args.verbose)
+    if args.command != "report":  # dft report imports neither transformers nor torch
+        _quiet_libraries(args.verbose)
     try:
         return COMMANDS[args.command](args)
     except Preempted as exc:

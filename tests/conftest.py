@@ -42,6 +42,7 @@ def tiny_job(tiny_bert, tiny_conll, tmp_path) -> list[str]:
         "data.max_length=64",
         f"run.output_dir={tmp_path / 'run'}",
         "run.progress=false",
+        "track.report=false",  # test_tracking.py covers the report; it costs ~0.8 s a run
         "train.epochs=3",
         "train.batch_size=16",
         "train.lr=3e-3",

@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,8 @@ from distributed_ft.config.load import validate
 from distributed_ft.config.schema import JobConfig
 from distributed_ft.data.prepare import PreparedDataset, PreparedSplit
 from distributed_ft.data.shards import ShardReader, TableShards
-from distributed_ft.errors import LaunchError
-from distributed_ft.runtime import storage
+from distributed_ft.errors import ConfigError, LaunchError
+from distributed_ft.runtime import storage, watchdog
 from distributed_ft.runtime.context import GPU_BACKEND, ProcessGroupContext, set_intra_op_threads
 from distributed_ft.train.checkpoint import needed_files
 
@@ -218,6 +219,39 @@ def continue_metrics(outputs: str, run_dir: Path) -> None:
         storage.download(persisted, local)
 
 
+def report_hangs(outputs: str, run_dir: Path, num_workers: int, since: float) -> list[str]:
+    """Log which ranks the hang watchdog ended during this run, and where each was stuck.
+
+    The workers upload ``hangs/rank-N.txt`` to storage before they exit (their run directory is
+    scratch); reports older than ``since`` (an earlier submission of the same run) are left out. Each
+    report found is copied to the driver's ``run_dir/hangs/``. Returns the lines logged.
+    """
+    lines = []
+    for rank in range(num_workers):
+        location = storage.join(outputs, watchdog.report_name(rank))
+        try:
+            text = storage.read_text(location)
+        except (OSError, ConfigError) as exc:  # never hide the run's own outcome behind this
+            log.warning("hang watchdog: cannot read %s: %s", location, exc)
+            continue
+        if text is None:
+            continue
+        fields = watchdog.parse_report(text)
+        try:
+            written = float(fields.get("time", "0"))
+        except ValueError:
+            written = 0.0
+        if written < since:
+            continue
+        local = run_dir / watchdog.report_name(rank)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_text(text)
+        lines.append(watchdog.describe(fields, location))
+    for line in lines:
+        log.warning("hang watchdog: %s", line)
+    return lines
+
+
 def ray_use_gpu(use_gpu: bool | str, cluster_resources: dict[str, float]) -> bool:
     """``run.use_gpu`` for Ray workers: ``auto`` takes GPUs when the cluster has some now.
 
@@ -311,10 +345,13 @@ def train_on_ray(config: JobConfig, name: str) -> tuple[dict[str, Any], str]:
             checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints + 1),
         ),
     )
+    started = time.time()
     try:
         result = trainer.fit()
     except Exception as exc:  # Ray wraps worker errors; say where the logs are
+        report_hangs(outputs, run_dir, run.num_workers, since=started)
         raise LaunchError(f"the Ray Train run failed: {exc}\n(run directory: {run_dir})") from exc
+    report_hangs(outputs, run_dir, run.num_workers, since=started)
     results = storage.read_text(storage.join(outputs, "results.json"))
     if results is None:
         raise LaunchError(

@@ -187,6 +187,11 @@ class TrainConfig(_Section):
     warmup_ratio: float = Field(0.1, ge=0, le=1)
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     weight_decay: float = Field(0.01, ge=0)
+    layer_lr_decay: float | None = Field(None, gt=0, le=1)
+    """Discriminative fine-tuning: layer i of L trains at ``lr * decay**(L - i)``, the embeddings at
+    ``lr * decay**(L + 1)``, what sits above the layers (final norm, pooler, head) at ``lr``."""
+    head_lr: float | None = Field(None, gt=0)
+    """Learning rate of the task head (classification tasks; default ``lr``)."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip the global gradient norm to this value (``null`` disables clipping)."""
     eval_every: int | None = Field(None, ge=1)

@@ -49,7 +49,7 @@ from torch import nn
 
 from distributed_ft.config.deepspeed import render_deepspeed_config
 from distributed_ft.config.schema import JobConfig
-from distributed_ft.engine.optim import build_optimizer, build_scheduler
+from distributed_ft.engine.optim import build_optimizer, build_scheduler, scheduled_lr
 from distributed_ft.errors import CheckpointError, ConfigError
 from distributed_ft.runtime.context import RuntimeContext, ensure_process_group
 from distributed_ft.runtime.safe_load import load_checked, verify_torch_files
@@ -259,7 +259,7 @@ class DeepSpeedEngine:
         hidden = getattr(getattr(model, "config", None), "hidden_size", None)
         deepspeed = self._start(hidden if self._hidden_size is None else None)
         log.debug("DeepSpeed config: %s", json.dumps(self.ds_config))
-        optimizer = build_optimizer(model, self.config.train)
+        optimizer = build_optimizer(model, self.config.train, self.config.task)
         scheduler = build_scheduler(optimizer, self.config.train, total_steps)
         device = self.context.device
         # The device comes from the context (always indexed on CUDA), not from DeepSpeed's LOCAL_RANK
@@ -295,7 +295,7 @@ class DeepSpeedEngine:
 
     @property
     def lr(self) -> float:
-        return float(self.scheduler.get_last_lr()[0])
+        return float(scheduled_lr(self.scheduler, self.config.train.lr))
 
     def train(self, mode: bool = True) -> None:
         self._ds.train(mode)

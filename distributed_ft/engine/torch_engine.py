@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from distributed_ft.config.schema import JobConfig
-from distributed_ft.engine.optim import build_optimizer, build_scheduler, tensor_bytes
+from distributed_ft.engine.optim import build_optimizer, build_scheduler, scheduled_lr, tensor_bytes
 from distributed_ft.errors import ConfigError
 from distributed_ft.modeling.peft import load_trainable_state_dict, trainable_state_dict
 from distributed_ft.runtime.context import RuntimeContext
@@ -55,7 +55,7 @@ class TorchEngine:
         if self.context.world_size > 1:
             device_ids = [self.context.device.index] if self.context.device.type == "cuda" else None
             self._wrapped = DistributedDataParallel(self._model, device_ids=device_ids)
-        self.optimizer = build_optimizer(self._model, self.config.train)
+        self.optimizer = build_optimizer(self._model, self.config.train, self.config.task)
         self.scheduler = build_scheduler(self.optimizer, self.config.train, total_steps)
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -92,7 +92,7 @@ class TorchEngine:
 
     @property
     def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return float(scheduled_lr(self.scheduler, self.config.train.lr))
 
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)

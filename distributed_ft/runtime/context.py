@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from distributed_ft.errors import LaunchError
 from distributed_ft.runtime import signals
+from distributed_ft.runtime.watchdog import CollectiveLog
 
 UseGpu = bool | Literal["auto"]
 GPU_BACKEND = "cpu:gloo,cuda:nccl"
@@ -43,6 +44,8 @@ class RuntimeContext(Protocol):
     device: torch.device
     checkpoints_are_durable: bool
     """Whether checkpoints in the run directory survive a restart (``False``: node-local scratch, Ray)."""
+    collectives: CollectiveLog
+    """The last collectives this rank entered and left (read by the hang watchdog's report)."""
 
     @property
     def is_main(self) -> bool: ...
@@ -101,6 +104,7 @@ class ProcessGroupContext:
 
     def __init__(self, rank: int, world_size: int, local_rank: int, device: torch.device) -> None:
         self.rank, self.world_size, self.local_rank, self.device = rank, world_size, local_rank, device
+        self.collectives = CollectiveLog()
 
     @property
     def is_main(self) -> bool:
@@ -112,20 +116,23 @@ class ProcessGroupContext:
 
     def barrier(self) -> None:
         if self._distributed:
-            dist.barrier()
+            with self.collectives.track("barrier"):
+                dist.barrier()
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         if not self._distributed:
             return [obj]
         gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, obj)
+        with self.collectives.track("all_gather_object"):
+            dist.all_gather_object(gathered, obj)
         return gathered
 
     def broadcast_object(self, obj: Any) -> Any:
         if not self._distributed:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        with self.collectives.track("broadcast_object"):
+            dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def report(
@@ -157,7 +164,8 @@ class ProcessGroupContext:
                 "allocate it with context.tensor(...)"
             )
         if self._distributed:
-            dist.all_reduce(tensor, op=getattr(dist.ReduceOp, _REDUCE_OPS[op]))
+            with self.collectives.track(f"all_reduce({op})"):
+                dist.all_reduce(tensor, op=getattr(dist.ReduceOp, _REDUCE_OPS[op]))
         return tensor
 
     def stop_requested_locally(self) -> bool:

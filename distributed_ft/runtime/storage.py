@@ -19,6 +19,9 @@ from distributed_ft.errors import ConfigError
 
 RUN_FILES = ("config.yaml", "labels.json", "metrics.jsonl", "results.json")
 """Small files of a run directory that are persisted (``export/`` is a directory, persisted at the end)."""
+FINAL_DIRS = ("export", "tensorboard", "report")
+"""Directories of a run persisted at its end: the model, TensorBoard's event files, the run report.
+(``mlruns/``, a local MLflow store, is not: under Ray give ``track.mlflow_tracking_uri`` a shared store.)"""
 
 
 def is_uri(location: str | Path) -> bool:
@@ -90,12 +93,13 @@ def read_text(location: str) -> str | None:
 
 
 def persist_run(run_dir: Path, location: str, final: bool) -> None:
-    """Upload a run directory's small files (and, when ``final``, its ``export/``) to ``location``."""
+    """Upload a run directory's small files (and, when ``final``, :data:`FINAL_DIRS`) to ``location``."""
     for name in RUN_FILES:
         if (run_dir / name).is_file():
             upload(run_dir / name, join(location, name))
-    if final and (run_dir / "export").is_dir():
-        upload(run_dir / "export", join(location, "export"))
+    for name in FINAL_DIRS if final else ():
+        if (run_dir / name).is_dir():
+            upload(run_dir / name, join(location, name))
 
 
 def download_parts(location: str, target: Path, names: tuple[str, ...]) -> Path:
@@ -112,8 +116,8 @@ def download_parts(location: str, target: Path, names: tuple[str, ...]) -> Path:
 
 
 def fetch_run(location: str, run_dir: Path) -> Path:
-    """Download a persisted run's files and ``export/`` (not its checkpoints) into ``run_dir``."""
-    return download_parts(location, run_dir, (*RUN_FILES, "export"))
+    """Download a persisted run's files and :data:`FINAL_DIRS` (not its checkpoints) into ``run_dir``."""
+    return download_parts(location, run_dir, (*RUN_FILES, *FINAL_DIRS))
 
 
 def local_copy(location: str, parts: tuple[str, ...] = (), cache_root: Path | None = None) -> Path:

@@ -28,12 +28,15 @@ from distributed_ft.modeling.peft import (
     write_export_extras,
 )
 from distributed_ft.runtime.context import RuntimeContext, describe_device
-from distributed_ft.runtime.tracking import MetricsLogger, Progress
+from distributed_ft.runtime.tracking import MetricsLogger, Progress, ends_trackers
+from distributed_ft.runtime.watchdog import Watchdog
 from distributed_ft.tasks.base import Task
 from distributed_ft.train.checkpoint import CheckpointManager, RunState, agree_on_resume
 from distributed_ft.train.evaluate import evaluate
 from distributed_ft.train.job import Job, build_job, build_model
+from distributed_ft.train.report import write_run_report
 from distributed_ft.train.step import LogWindow, StepTally, train_step, windows
+from distributed_ft.train.throughput import FlopsMeter, flops_meter, peak_memory_bytes
 from distributed_ft.train.validation import Validation
 
 log = logging.getLogger("distributed_ft")
@@ -68,6 +71,7 @@ def training_source(
     )
 
 
+@ends_trackers  # an exception ends the MLflow run as FAILED (KILLED when pre-empted)
 def train(
     config: JobConfig,
     context: RuntimeContext,
@@ -85,7 +89,7 @@ def train(
     job = build_job(config, context, name, data)
     config, task, data = job.config, job.task, job.data
     train_cfg, progress = config.train, Progress(config.run.progress, context)
-    metrics_log = MetricsLogger(job.run_dir, context)
+    metrics_log = MetricsLogger(job.run_dir, context, config)  # + trackers of track.*
     log.info("device: %s", describe_device(context.device))
 
     source = training_source(
@@ -103,6 +107,8 @@ def train(
 
     model = build_model(config, task, job.labels, engine)
     parameters = parameter_report(model, config.peft.method, config.task)
+    num_labels = None if config.task == "causal_lm" else len(job.labels)
+    meter = flops_meter(config, num_labels, parameters["trainable"], context.device, context.world_size)
     log.info(format_parameter_report(parameters))
     engine.prepare(model, total_steps)
     checkpoints = CheckpointManager(job.run_dir / "checkpoints", context, keep=train_cfg.keep_checkpoints)
@@ -128,16 +134,22 @@ def train(
     split = data.splits["validation"].read() if "validation" in data.splits else None
     validation = Validation(config, task, split, job.labels, context, progress, state)
     tally, window = StepTally(context), LogWindow()
+    trained = {"tokens": 0.0, "samples": 0, "seconds": 0.0}  # by this process (since a resume)
 
     def read_tally() -> dict[str, Any]:
         """Fold the device tallies into the log window and the run state (one collective, one sync)."""
         read = tally.read()
         window.add(read)
         state.tokens_seen += int(read["tokens"])
+        trained["tokens"] += read["tokens"]
+        trained["samples"] += read["samples"]
+        trained["seconds"] += read["seconds"]
         return read
 
     def validate_and_checkpoint() -> None:
+        watchdog.beat(phase="evaluation")  # a long phase: a hang only if it alone outlasts the timeout
         metrics, is_best = validation.run(engine)
+        watchdog.beat(phase="checkpoint")
         metrics_log.log(
             "eval",
             state.step,
@@ -147,7 +159,9 @@ def train(
         )
         report = {f"validation/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
         checkpoints.save(engine, state, is_best=is_best, metrics=report)
+        watchdog.beat(phase="train")
 
+    watchdog = Watchdog.for_run(config.run.hang_timeout_s, job.run_dir, context)  # inert without it
     train_started = time.perf_counter()
     engine.train(True)
     while state.step < total_steps and not state.stopped_early:
@@ -155,17 +169,22 @@ def train(
         batches = progress.wrap(
             source, total=len(source), desc=f"epoch {state.epoch}", initial=source.position
         )
+        watchdog.start()  # run.hang_timeout_s: watches this epoch's steps (stopped in the finally)
         try:
             for micro_batches in windows(batches, train_cfg.grad_accum):
                 step = train_step(engine, task, micro_batches, context)
                 tally.add(step)
                 state.step += 1
+                watchdog.beat(state.step)
                 state.source = source.state_dict()
                 stop = False
                 if state.step % train_cfg.log_every == 0 or state.step == total_steps:
                     read = read_tally()
                     stop = read["stop"]
                     record = {**window.flush(), "lr": engine.lr, "grad_norm": read["grad_norm"]}
+                    if meter is not None:
+                        seq_len = record["tokens"] / max(record["samples"], 1)
+                        record["mfu"] = meter.mfu(record["tokens_per_s"], seq_len)
                     metrics_log.log("train", state.step, **record, epoch=state.epoch)
                     progress.postfix(loss=record["loss"], lr=record["lr"])
                 if validation.due(state.step):
@@ -174,7 +193,9 @@ def train(
                     tally.restart_clock()  # evaluation time is not training throughput
                 elif train_cfg.save_every and state.step % train_cfg.save_every == 0:
                     stop = read_tally()["stop"] or stop
+                    watchdog.beat(phase="checkpoint")
                     checkpoints.save(engine, state)
+                    watchdog.beat(phase="train")
                     tally.restart_clock()
                 if stop:  # SIGTERM or a pre-emption notice, agreed by all ranks in the tally's reduction
                     saved = checkpoints.save(engine, state)
@@ -195,10 +216,12 @@ def train(
                     tally.restart_clock()
         finally:
             batches.close()  # stops the prefetch thread of an epoch left early
+            watchdog.stop()
     read_tally()
     if validation.enabled and state.step not in validation.evaluated:  # the final weights compete too
         validate_and_checkpoint()
     train_seconds = time.perf_counter() - train_started
+    throughput = throughput_summary(trained, meter, context)
     if state.stopped_early:
         log.info(
             "early stopping at step %d: no improvement in %d evaluations",
@@ -219,7 +242,32 @@ def train(
         context,
         parameters,
         steps_per_epoch,
+        throughput,
     )
+
+
+def throughput_summary(trained: dict[str, float], meter: FlopsMeter | None, context: RuntimeContext) -> dict:
+    """``results.json``'s throughput: the job's tokens/s and samples/s over training time, MFU, memory.
+
+    Every rank calls it (the peak memory of each is gathered).
+    """
+    seconds = max(trained["seconds"], 1e-9)
+    tokens_per_s = trained["tokens"] / seconds
+    summary: dict[str, Any] = {
+        "tokens_per_s": round(tokens_per_s, 2),
+        "samples_per_s": round(trained["samples"] / seconds, 3),
+        "train_step_seconds": round(trained["seconds"], 2),
+        "peak_memory_bytes_per_rank": context.all_gather_object(peak_memory_bytes(context.device)),
+    }
+    if meter is not None and trained["samples"]:
+        seq_len = trained["tokens"] / trained["samples"]
+        summary |= {
+            "mfu": round(meter.mfu(tokens_per_s, seq_len), 5),
+            "model_flops_per_token": meter.flops_per_token(seq_len),
+            "peak_flops_per_rank": meter.peak_flops_per_rank,
+            "peak_source": meter.peak_source,
+        }
+    return summary
 
 
 def finish(
@@ -234,6 +282,7 @@ def finish(
     context: RuntimeContext,
     parameters: dict[str, Any] | None = None,
     steps_per_epoch: int = 1,
+    throughput: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Reload the best checkpoint, score validation and test, export, and write ``results.json``."""
     config, task, data = job.config, job.task, job.data
@@ -251,6 +300,7 @@ def finish(
         "tokens_seen": state.tokens_seen,
         "world_size": context.world_size,
         "parameters": parameters,
+        "throughput": throughput,
     }
     for split, key in (("validation", "dev"), ("test", "test")):
         if split == "validation" and state.best_step in evaluated:
@@ -280,6 +330,9 @@ def finish(
         write_export_extras(engine.module, export_dir)
         results["export"] = context.durable_location(job.run_dir, "export")
         (job.run_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    if context.is_main and config.track.report:
+        write_run_report(job.run_dir)
+    metrics_log.log_artifacts(export_dir, job.run_dir / "report")  # MLflow keeps them; a no-op otherwise
     metrics_log.close()
     context.persist(job.run_dir, final=True)
     context.barrier()  # no rank tears its process group down while rank 0 still writes the outputs

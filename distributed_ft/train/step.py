@@ -90,12 +90,11 @@ class StepTally:
         context: Where the sums live and across which ranks they are reduced.
     """
 
-    _FIELDS = ("loss_sum", "loss_weight", "tokens", "grad_norm", "stop")
+    _FIELDS = ("loss_sum", "loss_weight", "tokens", "grad_norm", "samples", "stop")
 
     def __init__(self, context: RuntimeContext) -> None:
         self.context = context
         self._sums = self._zeros()
-        self._samples = 0
         self._grad_norm: float | None = None
         self._device_norm = False
         self._started = time.perf_counter()
@@ -113,7 +112,7 @@ class StepTally:
         values = [step.loss_sum, step.loss_weight.to(self._sums), step.tokens, norm_value]
         self._sums[:4] += torch.stack([v.to(self._sums) for v in values])
         self._sums[3] = norm_value  # the last step's norm, not a sum
-        self._samples += step.samples
+        self._sums[4] += step.samples  # a host int added on the device: no sync
 
     def restart_clock(self) -> None:
         """Start timing anew (after an evaluation or a checkpoint, which are not training throughput)."""
@@ -123,22 +122,22 @@ class StepTally:
         """Global sums since the last read (every rank calls this at the same step), then start anew.
 
         Returns:
-            ``loss_sum``, ``loss_weight``, ``tokens`` (over all ranks), ``samples`` (this rank's times the
-            world size: every rank takes equal batches), ``grad_norm`` of the last step, ``seconds`` since
-            the last read and ``stop`` (whether any rank was asked to stop).
+            ``loss_sum``, ``loss_weight``, ``tokens`` and ``samples`` (summed over all ranks),
+            ``grad_norm`` of the last step, ``seconds`` since the last read (the slowest rank's: the
+            reduction waits for it) and ``stop`` (whether any rank was asked to stop).
         """
         stop = self.context.stop_requested_locally()
-        self._sums[4] = 1.0 if stop else 0.0
+        self._sums[5] = 1.0 if stop else 0.0
         totals = self.context.all_reduce(self._sums).tolist()  # the one host sync of a window
         now = time.perf_counter()
         record = dict(zip(self._FIELDS, totals, strict=True))
         world = self.context.world_size
         record["grad_norm"] = record["grad_norm"] / world if self._device_norm else self._grad_norm
         record["stop"] = record["stop"] > 0
-        record["samples"] = self._samples * world
+        record["samples"] = int(record["samples"])
         record["seconds"] = max(now - self._started, 1e-9)
         self._sums = self._zeros()
-        self._samples, self._started = 0, now
+        self._started = now
         return record
 
 
@@ -160,9 +159,11 @@ class LogWindow:
         self.seconds += read["seconds"]
 
     def flush(self) -> dict[str, float]:
-        """Global mean loss per target, tokens/s and samples/s of the window; then start a new one."""
+        """The window's global mean loss per target, tokens and samples (all ranks) and their rates."""
         record = {
             "loss": self.loss_sum / max(self.loss_weight, 1.0),
+            "tokens": int(self.tokens),
+            "samples": self.samples,
             "tokens_per_s": self.tokens / max(self.seconds, 1e-9),
             "samples_per_s": self.samples / max(self.seconds, 1e-9),
         }

@@ -12,6 +12,8 @@ ONE_IMPORTER = {
     "deepspeed": "engine/deepspeed_engine.py",
     "ray": "backends/ray_train.py",
     "peft": "modeling/peft.py",
+    "mlflow": "runtime/trackers.py",
+    "matplotlib": "train/report.py",
     "accelerate": None,  # accelerate is a launcher here; the library never imports it
 }
 

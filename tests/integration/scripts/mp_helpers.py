@@ -46,6 +46,7 @@ def job_overrides(bert: Path, conll: dict[str, Path], root: Path, *extra: str) -
         "train.lr=3e-3",
         "train.log_every=1",
         "train.max_steps=8",
+        "track.report=false",
         *extra,
     ]
 
