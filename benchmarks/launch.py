@@ -105,7 +105,8 @@ def replay_tokens(config: Any, task: Any, split: Any, world_size: int, steps: in
 
 def launch(name: str, variant: dict[str, Any], job: dict[str, Any], run_dir: Path, timeout: float) -> dict:
     """Run one variant; returns its time stamps and exit status."""
-    env = subprocess_env(threads=int(variant.get("threads", 1)), extra={"RAY_USAGE_STATS_ENABLED": "0"})
+    extra = {"RAY_USAGE_STATS_ENABLED": "0", **{k: str(v) for k, v in variant.get("env", {}).items()}}
+    env = subprocess_env(threads=int(variant.get("threads", 1)), extra=extra)
     env.pop("RAY_ADDRESS", None)  # a fresh local Ray per run, never someone else's cluster
     cmd = command(variant, job, run_dir)
     launched = time.time()

@@ -184,7 +184,8 @@ def train_worker(payload: dict[str, Any]) -> None:
     transformers.utils.logging.disable_progress_bar()
     config = validate(payload["config"])
     # the run directory is node-local scratch; what the user keeps goes to storage (RayContext.persist)
-    scratch = Path(tempfile.gettempdir()) / "dft-runs" / payload["scratch_name"]
+    # .../dft-runs/<run id>/<run name>: the run directory keeps the run's name (trackers, reports)
+    scratch = Path(tempfile.gettempdir()) / "dft-runs" / payload["scratch_id"] / payload["run_name"]
     scratch.mkdir(parents=True, exist_ok=True)
     config = config.model_copy(update={"run": config.run.model_copy(update={"output_dir": str(scratch)})})
     context = RayContext(payload["outputs"], scratch)
@@ -204,7 +205,7 @@ def train_worker(payload: dict[str, Any]) -> None:
     train(config, context, payload["name"], data=data)
     context.barrier()  # every rank is done with its node's scratch directory
     # every rank removes it: Ray counts local ranks per IP address, which is no disk identity
-    shutil.rmtree(scratch, ignore_errors=True)
+    shutil.rmtree(scratch.parent, ignore_errors=True)
 
 
 def continue_metrics(outputs: str, run_dir: Path) -> None:
@@ -323,7 +324,8 @@ def train_on_ray(config: JobConfig, name: str) -> tuple[dict[str, Any], str]:
             "config": config.model_dump(mode="json"),
             "name": name,
             "outputs": outputs,
-            "scratch_name": f"{ray_name}-{uuid.uuid4().hex[:8]}",
+            "scratch_id": f"{ray_name}-{uuid.uuid4().hex[:8]}",
+            "run_name": ray_name,
             "prepared": {
                 "directory": str(prepared.directory),
                 "labels": prepared.labels,

@@ -223,6 +223,13 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
+def _rounded(value: Any, digits: int) -> str:
+    """``value`` with ``digits`` decimals for a table cell (``-`` when absent)."""
+    if not isinstance(value, int | float):
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
 def _markdown(
     run_dirs: list[Path], labels: list[str], results: list[dict[str, Any] | None], images: list[str]
 ) -> str:
@@ -231,11 +238,15 @@ def _markdown(
     run_rows = []
     for label, run, result in zip(labels, run_dirs, results, strict=True):
         result = result or {}
+        speed = result.get("throughput") or {}
+        memory = speed.get("peak_memory_bytes_per_rank") or []
         run_rows.append(
             [label, result.get("task", "-"), result.get("steps", "-"), result.get("best_step", "-"),
-             result.get("train_seconds", "-"), result.get("tokens_seen", "-"), f"`{run}`"]
+             _rounded(result.get("train_seconds"), 1), _rounded(speed.get("tokens_per_s"), 0),
+             _rounded(speed.get("mfu"), 3), f"{max(memory) / 2**30:.2f}" if memory else "-", f"`{run}`"]
         )  # fmt: skip
-    lines += _table(["run", "task", "steps", "best step", "train s", "tokens seen", "directory"], run_rows)
+    header = ["run", "task", "steps", "best step", "train s", "tokens/s", "MFU", "peak GiB/rank", "directory"]
+    lines += _table(header, run_rows)
     unfinished = [label for label, result in zip(labels, results, strict=True) if result is None]
     if unfinished:
         lines += [f"No `results.json` (not finished): {', '.join(unfinished)}.", ""]
