@@ -123,9 +123,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main_args(args: argparse.Namespace) -> int:
     """Run what ``args`` asks for; prints the markdown (or JSON) report and where the files went."""
     if args.list or not args.experiment:
-        for name in experiment_names():
+        names = experiment_names()
+        width = max(map(len, names)) + 2
+        for name in names:
             spec = load_experiment(name)
-            print(f"{name:<16}{spec['description'].strip().splitlines()[0]}")
+            print(f"{name:<{width}}{spec['description'].strip().splitlines()[0]}")
         return 0
     names = experiment_names() if args.experiment == "all" else [args.experiment]
     failed = 0

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 from distributed_ft.config.load import load_config
@@ -77,38 +82,36 @@ def test_without_the_keys_the_groups_are_the_plain_two(tiny_bert):
     assert {g["lr"] for g in groups} == {LR}
 
 
-@pytest.fixture(scope="module")
-def clean_process_group():
-    """DeepSpeed in one process leaves a one-member group and LOCAL_RANK behind: undo both after the
-    module (DeepSpeed keeps the group it first saw: the stages share one)."""
-    import os
+ZERO_GROUPS = """
+import json, sys
+from distributed_ft.config.load import load_config
+from distributed_ft.engine import build_engine
+from distributed_ft.runtime.context import LocalContext
+from distributed_ft.train.job import build_model, load_task
 
-    import torch.distributed as dist
-
-    environ, had_group = dict(os.environ), dist.is_initialized()
-    yield
-    if dist.is_initialized() and not had_group:
-        dist.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(environ)
+config, _ = load_config(None, sys.argv[1:])
+_, task = load_task(config)
+engine = build_engine(config, LocalContext(use_gpu=False))
+engine.prepare(build_model(config, task, ["O", "B-PER", "I-PER"], engine), 10)
+groups = engine.scheduler.optimizer.param_groups
+print(json.dumps({"initial": [g["initial_lr"] for g in groups], "lr": engine.lr}))
+"""
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_the_rates_survive_deepspeed_zero(tiny_bert, stage, clean_process_group, one_torch_thread):
+def test_the_rates_survive_deepspeed_zero(tiny_bert, stage):
+    """The optimizer DeepSpeed steps holds the groups' rates (a fresh process: DeepSpeed keeps globals)."""
     pytest.importorskip("deepspeed")
-    from distributed_ft.engine import build_engine
-    from distributed_ft.runtime.context import LocalContext
-    from distributed_ft.train.job import build_model
-
     rates = [f"train.layer_lr_decay={DECAY}", f"train.head_lr={HEAD_LR}"]
-    config, _ = load_config(
-        None, [f"model.name={tiny_bert}", f"train.lr={LR}", f"deepspeed.zero_stage={stage}", *rates]
+    overrides = [f"model.name={tiny_bert}", f"train.lr={LR}", f"deepspeed.zero_stage={stage}", *rates]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {k: v for k, v in env.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    done = subprocess.run(
+        [sys.executable, "-c", ZERO_GROUPS, *overrides], capture_output=True, text=True, env=env, timeout=240
     )
-    _, task = load_task(config)
-    engine = build_engine(config, LocalContext(use_gpu=False))
-    engine.prepare(build_model(config, task, ["O", "B-PER", "I-PER"], engine), 10)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
     layers = 2
     expected = {HEAD_LR} | {LR * DECAY ** (layers - i) for i in range(layers)} | {LR * DECAY ** (layers + 1)}
-    got = {round(g["initial_lr"] / LR, 9) for g in engine.scheduler.optimizer.param_groups}
-    assert got == {round(r / LR, 9) for r in expected}
-    assert engine.lr == 0.0  # the first warm-up step of train.lr's schedule
+    assert {round(r / LR, 9) for r in got["initial"]} == {round(r / LR, 9) for r in expected}
+    assert got["lr"] == 0.0  # the first warm-up step of train.lr's schedule
