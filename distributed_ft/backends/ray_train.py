@@ -188,6 +188,8 @@ def train_worker(payload: dict[str, Any]) -> None:
     scratch = Path(tempfile.gettempdir()) / "dft-runs" / payload["scratch_id"] / payload["run_name"]
     scratch.mkdir(parents=True, exist_ok=True)
     config = config.model_copy(update={"run": config.run.model_copy(update={"output_dir": str(scratch)})})
+    if _driver_logs_mlflow(config):  # a local store here would stay in scratch: the driver replays the run
+        config = config.model_copy(update={"track": config.track.model_copy(update={"mlflow": False})})
     context = RayContext(payload["outputs"], scratch)
     setup_logging(context)
     # Ray sets OMP_NUM_THREADS to the CPUs the worker reserved: that is this worker's share
@@ -362,4 +364,13 @@ def train_on_ray(config: JobConfig, name: str) -> tuple[dict[str, Any], str]:
         )
     storage.fetch_run(outputs, run_dir)  # the driver's copy (no checkpoints); storage keeps the original
     log.info("run outputs: %s (local copy without checkpoints: %s)", outputs, run_dir)
+    if _driver_logs_mlflow(config):
+        from distributed_ft.runtime.trackers import replay_mlflow
+
+        log.info("MLflow: run %s in %s", replay_mlflow(run_dir, config), run_dir / "mlruns")
     return json.loads(results), str(run_dir)
+
+
+def _driver_logs_mlflow(config: JobConfig) -> bool:
+    """``track.mlflow`` with the default local store: under Ray the driver logs the run, from its record."""
+    return config.track.mlflow and config.track.mlflow_tracking_uri is None

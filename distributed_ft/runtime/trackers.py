@@ -133,3 +133,24 @@ class MlflowTracker:
 
     def close(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+def replay_mlflow(run_dir: Path, config: JobConfig) -> str:
+    """Log a finished run's ``metrics.jsonl``, ``export/`` and ``report/`` to MLflow; returns the run id.
+
+    For a Ray run without ``track.mlflow_tracking_uri``: a worker's local store would stay in its node's
+    scratch, so the driver writes the default store (``RUN_DIR/mlruns``) from the run's record instead.
+    """
+    from distributed_ft.runtime.tracking import tracker_scalars
+
+    (run_dir / MLFLOW_RUN_FILE).unlink(missing_ok=True)  # one MLflow run per finished run
+    tracker = MlflowTracker(run_dir, config)
+    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    for record in (json.loads(line) for line in lines if line.strip()):
+        values = {k: v for k, v in record.items() if k not in ("event", "step", "time")}
+        tracker.log(tracker_scalars(record["event"], values), record["step"], record["time"])
+    for name in ("export", "report"):
+        if (run_dir / name).is_dir():
+            tracker.log_artifacts(run_dir / name)
+    tracker.close("FINISHED")
+    return tracker.run_id

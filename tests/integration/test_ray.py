@@ -69,7 +69,7 @@ def ray_runs(tiny_bert, tiny_conll, tmp_path_factory):
     """An uninterrupted Ray run, a Ray run whose worker is SIGKILLed mid-training, and a torchrun run."""
     tmp = tmp_path_factory.mktemp("ray")
     job = lambda run: _job(tiny_bert, tiny_conll, tmp, run)  # noqa: E731
-    straight = _dft(*job("straight"), "run.backend=ray")
+    straight = _dft(*job("straight"), "run.backend=ray", "track.mlflow=true", "track.tensorboard=true")
     out, _ = straight.communicate(timeout=600)
     assert straight.returncode == 0, out[-3000:]
 
@@ -303,3 +303,23 @@ def test_balanced_class_weights_train_the_same_on_ray_workers_as_locally(tiny_be
     manifest = next((tmp_path / "cache").glob("*/manifest.json"))
     weights = json.loads(manifest.read_text())["meta"]["class_weights"]
     assert max(weights) > 2 * min(weights)  # the weights are far from uniform: a dropped weight would show
+
+
+def test_a_ray_run_is_in_mlflow_and_tensorboard_on_the_driver(ray_runs):
+    """Default local MLflow store under Ray: the driver logs the run from its record (metrics.jsonl)."""
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    tmp, _ = ray_runs
+    run_dir = tmp / "straight"
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=(run_dir / "mlruns").resolve().as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("distributed_ft").experiment_id])
+    assert run.info.run_name == "straight" and run.info.status == "FINISHED"
+    assert run.data.params["run.num_workers"] == "2"
+    history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert history == _train_losses(run_dir)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "export" in artifacts
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))  # rank 0's, through storage

@@ -121,3 +121,24 @@ def test_ray_storage_keeps_tensorboard_and_report_not_mlruns(tmp_path):
     storage.fetch_run(str(tmp_path / "store"), tmp_path / "driver")
     assert (tmp_path / "driver" / "report" / "report.md").read_text() == "report/report.md"
     assert (tmp_path / "driver" / "tensorboard" / "events.out").is_file()
+
+
+def test_the_driver_replays_a_finished_run_into_mlflow(tmp_path, mlflow_store):
+    """A Ray run with the default store: the driver logs the run from metrics.jsonl, as the loop would."""
+    from distributed_ft.runtime.trackers import replay_mlflow
+
+    records = [
+        {"event": "train", "step": 1, "time": 100.0, "loss": 2.0, "lr": 1e-4},
+        {"event": "train", "step": 2, "time": 101.0, "loss": 1.5, "lr": 2e-4},
+        {"event": "eval", "step": 2, "time": 102.0, "split": "validation", "f1": 0.25},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "config.json").write_text("{}")
+    run_id = replay_mlflow(tmp_path, _config(tmp_path))
+    client, (run,) = mlflow_store(tmp_path)
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    history = client.get_metric_history(run_id, "train/loss")
+    assert [(m.step, m.value, m.timestamp) for m in history] == [(1, 2.0, 100_000), (2, 1.5, 101_000)]
+    assert run.data.metrics["eval/validation/f1"] == 0.25
+    assert {a.path for a in client.list_artifacts(run_id)} == {"export"}
