@@ -279,7 +279,12 @@ def _ray_init(num_cpus: int | None) -> None:
 
 
 def train_on_ray(config: JobConfig, name: str) -> tuple[dict[str, Any], str]:
-    """Prepare the data, then train with ``run.num_workers`` Ray Train workers; returns results, run dir."""
+    """Prepare the data, then train with ``run.num_workers`` Ray Train workers; returns results, run dir.
+
+    A ``[min, max]`` range is Ray Train's elastic scaling: the worker group starts with as many workers as
+    it gets (at least ``min``) and restarts from the last checkpoint with the survivors when a node is
+    lost, or with more when nodes join; each start resumes on its own world size (``train/layout.py``).
+    """
     import pyarrow.parquet as pq
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -298,7 +303,8 @@ def train_on_ray(config: JobConfig, name: str) -> tuple[dict[str, Any], str]:
     log.info("data: %s (%s)", prepared.directory, "reused cache" if prepared.reused else "prepared")
 
     run = config.run
-    _ray_init(None if os.environ.get("RAY_ADDRESS") else max(run.num_workers, os.cpu_count() or 1))
+    low, high = run.worker_range
+    _ray_init(None if os.environ.get("RAY_ADDRESS") else max(high, os.cpu_count() or 1))
     blocks: dict[str, list[Any]] = {}  # read once by the driver; each worker fetches the shards it reads
     rows: dict[str, list[int]] = {}
     for split in prepared.splits.values():
@@ -319,7 +325,13 @@ def train_on_ray(config: JobConfig, name: str) -> tuple[dict[str, Any], str]:
     ray_name = run.ray_run_name or run_dir.name
     outputs = storage.join(storage_path, ray_name)
     use_gpu = ray_use_gpu(run.use_gpu, ray.cluster_resources())
-    log.info("Ray workers: %d x %s", run.num_workers, "GPU" if use_gpu else "CPU")
+    kind = "GPU" if use_gpu else "CPU"
+    if run.elastic:  # Ray Train's elastic scaling: starts with what it gets, restarts on the survivors
+        log.info("Ray workers: %d-%d x %s (elastic; the global batch is that of %d)", low, high, kind, high)
+        if run.max_failures == 0:
+            log.warning("run.max_failures=0: a lost worker ends the elastic run instead of resizing it")
+    else:
+        log.info("Ray workers: %d x %s", high, kind)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
@@ -338,7 +350,9 @@ def train_on_ray(config: JobConfig, name: str) -> tuple[dict[str, Any], str]:
             },
         },
         scaling_config=ScalingConfig(
-            num_workers=run.num_workers, use_gpu=use_gpu, resources_per_worker=run.resources_per_worker
+            num_workers=(low, high) if run.elastic else high,
+            use_gpu=use_gpu,
+            resources_per_worker=run.resources_per_worker,
         ),
         # GPU workers: NCCL for tensors, gloo for the pickled objects of object collectives.
         torch_config=TorchConfig(backend=GPU_BACKEND if use_gpu else "gloo"),
@@ -353,9 +367,9 @@ def train_on_ray(config: JobConfig, name: str) -> tuple[dict[str, Any], str]:
     try:
         result = trainer.fit()
     except Exception as exc:  # Ray wraps worker errors; say where the logs are
-        report_hangs(outputs, run_dir, run.num_workers, since=started)
+        report_hangs(outputs, run_dir, high, since=started)
         raise LaunchError(f"the Ray Train run failed: {exc}\n(run directory: {run_dir})") from exc
-    report_hangs(outputs, run_dir, run.num_workers, since=started)
+    report_hangs(outputs, run_dir, high, since=started)
     results = storage.read_text(storage.join(outputs, "results.json"))
     if results is None:
         raise LaunchError(

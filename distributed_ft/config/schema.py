@@ -7,6 +7,7 @@ meaning. Unknown keys are errors (``extra="forbid"``), so a typo never silently 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Literal
 
 from pydantic import (
@@ -282,7 +283,10 @@ class RunConfig(_Section):
     backend: Literal["local", "ray"] = "local"
     engine: Literal["torch", "deepspeed"] = "torch"
     """``torch`` (plain/DDP) unless a ``deepspeed.*`` key is given: then ``deepspeed``."""
-    num_workers: int = Field(1, ge=1)
+    num_workers: int | tuple[int, int] = 1
+    """Workers (ranks). ``[min, max]``: elastic (Ray Train's elastic scaling; any world size in the range
+    under torchrun): the global batch is fixed at ``max x batch_size x grad_accum`` and ``grad_accum``
+    grows when fewer workers run, so every size in the range must divide ``max x grad_accum``."""
     use_gpu: bool | Literal["auto"] = "auto"
     """``auto``: a GPU when one is present (the log says which device); ``true`` insists on one; ``false``
     stays on the CPU. The same for training and for ``dft predict`` / ``evaluate`` / ``export``."""
@@ -304,6 +308,26 @@ class RunConfig(_Section):
     """A rank that makes no step progress for this long writes every thread's stack and its last
     collectives to ``RUN_DIR/hangs/rank-N.txt`` and exits non-zero, so the launcher restarts the run from
     its last checkpoint (``null``: no watchdog)."""
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers_range(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (value, value) if isinstance(value, int) else value
+        if low < 1 or high < low:
+            raise ValueError(f"run.num_workers must be >= 1, or [min, max] with 1 <= min <= max; got {value}")
+        return value
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """``(min, max)`` workers; equal unless the run is elastic."""
+        workers = self.num_workers
+        return (workers, workers) if isinstance(workers, int) else workers
+
+    @property
+    def elastic(self) -> bool:
+        """Whether ``run.num_workers`` is a ``[min, max]`` range."""
+        low, high = self.worker_range
+        return low != high
 
 
 class TrackConfig(_Section):
@@ -394,4 +418,16 @@ class JobConfig(_Section):
             raise ValueError("deepspeed.offload_param needs deepspeed.zero_stage=3")
         if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
             raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+        low, high = self.run.worker_range
+        lanes = high * self.train.grad_accum
+        uneven = [n for n in range(low, high + 1) if lanes % n]
+        if uneven:
+            common = math.lcm(*range(low, high + 1))
+            accum = common // math.gcd(common, high)  # the smallest grad_accum every size divides
+            raise ValueError(
+                f"run.num_workers={list(self.run.worker_range)} with "
+                f"train.grad_accum={self.train.grad_accum}: the global batch is {lanes} micro-batches "
+                f"per step, which {uneven[0]} workers cannot split "
+                f"evenly; set train.grad_accum to a multiple of {accum}, or narrow the range"
+            )
         return self

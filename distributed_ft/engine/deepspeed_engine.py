@@ -30,6 +30,12 @@ Selected by ``run.engine=deepspeed``. The DeepSpeed JSON is rendered from the jo
   ``model.dtype`` (float32 by default): never 16-bit values upcast. Rank 0 writes ``save_pretrained``. A
   checkpoint from another world size or stage is consolidated with
   ``get_fp32_state_dict_from_zero_checkpoint`` (weights only).
+* **Layout-free state** (ZeRO 1-3): beside DeepSpeed's shards every checkpoint holds each trainable
+  parameter's full fp32 master and AdamW moments (``safe_get_full_fp32_param`` /
+  ``safe_get_full_optimizer_state``; parameter ``i`` is written by rank ``i mod W``, so the ranks write one
+  copy between them) and the step counters and schedule. A run resumed on another world size or ZeRO stage
+  loads these into its own partitions (``safe_set_full_*``): weights, moments, Adam's step and the schedule
+  continue exactly. Same layout: DeepSpeed's own ``load_checkpoint``.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from distributed_ft.config.deepspeed import render_deepspeed_config
@@ -56,6 +63,11 @@ from distributed_ft.runtime.safe_load import load_checked, verify_torch_files
 
 log = logging.getLogger("distributed_ft")
 
+LAYOUT_FREE_PART = "layout-free-part-{part}.safetensors"
+"""Full fp32 masters and moments of every ``parts``-th trainable parameter (read by every rank)."""
+LAYOUT_FREE_STATE = "layout-free-state.pt"
+"""Adam's step, the schedule and DeepSpeed's step counters (``weights_only`` loadable)."""
+MOMENTS = ("exp_avg", "exp_avg_sq")
 TAG = "engine"
 """DeepSpeed checkpoint tag: a fixed sub-directory of each checkpoint, loaded by name."""
 META_FILE = "dft_engine.json"
@@ -162,6 +174,29 @@ class _TensorTally:
             start = tensor.storage_offset() * size
             total += self._claim(tensor.untyped_storage().data_ptr(), start, start + tensor.numel() * size)
         return total
+
+
+def _set_full_state(param: nn.Parameter, value: torch.Tensor, key: str | None) -> None:
+    """Keep this rank's partition of a full fp32 master (``key=None``) or AdamW moment ``key``.
+
+    ZeRO 1-2: ``safe_set_full_*``. ZeRO-3 partitions are padded to equal sizes, and DeepSpeed 0.19's
+    ``set_full_hp_param`` reads past the end of the value for the last rank of a padded parameter, so
+    the partition is cut here from the value with its padding zeroed.
+    """
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    if not hasattr(param, "ds_id"):
+        if key is None:
+            safe_set_full_fp32_param(param, value)
+        else:
+            safe_set_full_optimizer_state(param, value, key)
+        return
+    zero = param._z3_optimizer
+    part, _ = zero._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+    start = part.numel() * zero._get_param_partition_rank(param)
+    piece = value.flatten()[start : start + part.numel()]
+    part.data.zero_()
+    part.data[: piece.numel()].copy_(piece)
 
 
 def _flatten(value: Any) -> list[Any]:
@@ -307,9 +342,82 @@ class DeepSpeedEngine:
     def save(self, directory: Path) -> None:
         frozen = self._has_frozen()
         self._ds.save_checkpoint(str(directory), tag=TAG, save_latest=False, exclude_frozen_parameters=frozen)
+        if self.stage >= 1:
+            self._save_layout_free(directory / TAG)
         if self.context.is_main:
             meta = {"world_size": self.context.world_size, "zero_stage": self.stage}
             (directory / TAG / META_FILE).write_text(json.dumps(meta))
+
+    def _trainable(self) -> list[tuple[str, nn.Parameter]]:
+        """The trainable parameters by name, each once (tied weights under their first name)."""
+        seen: set[int] = set()
+        out = []
+        for name, param in self.module.named_parameters():
+            if param.requires_grad and id(param) not in seen:
+                seen.add(id(param))
+                out.append((name, param))
+        return out
+
+    def _inner_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self._ds.optimizer, "optimizer", self._ds.optimizer)
+
+    def _link_optimizer_states(self) -> None:
+        """Make every AdamW state exist and be reachable through DeepSpeed's parameter mappings.
+
+        torch's AdamW creates a parameter's state at its first step (a resumed engine has none yet: they
+        are created here as zeros, in the form AdamW makes them). ZeRO 1-2 link their parameter fragments
+        to those states once, after the first step of the first parameter group, when the other groups'
+        states do not exist yet (so ``safe_get_full_optimizer_state`` fails for them): linked again here.
+        """
+        inner, zero = self._inner_optimizer(), self._ds.optimizer
+        # the flat fp32 partitions AdamW steps (ZeRO swaps them into its param groups per step)
+        flats = _flatten(getattr(zero, "single_partition_of_fp32_groups", None))  # ZeRO 1-2
+        flats += _flatten(getattr(zero, "fp32_partitioned_groups_flat", None))  # ZeRO-3
+        on_device = bool(inner.defaults.get("fused") or inner.defaults.get("capturable"))
+        for flat in flats:
+            state = inner.state[flat]
+            if "exp_avg" not in state:
+                state["step"] = torch.zeros(
+                    (), dtype=torch.float32, device=flat.device if on_device else "cpu"
+                )
+                for key in MOMENTS:
+                    state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+        if hasattr(zero, "_hp_optimizer_states_linked"):  # ZeRO 1-2 (DeepSpeed 0.19)
+            zero._hp_optimizer_states_linked = False
+            zero._lazy_init_hp_params_optimizer_state()
+
+    def _save_layout_free(self, tag_dir: Path) -> None:
+        """Write the layout-free state (module docstring); collective: every rank calls it."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        self._link_optimizer_states()
+        rank, parts = self.context.rank, self.context.world_size
+        mine: dict[str, torch.Tensor] = {}
+        for index, (name, param) in enumerate(self._trainable()):
+            values = {"fp32": safe_get_full_fp32_param(param)}  # each call gathers: all ranks, same order
+            values |= {key: safe_get_full_optimizer_state(param, key) for key in MOMENTS}
+            if index % parts == rank:
+                for key, value in values.items():
+                    if value is None:
+                        raise CheckpointError(f"DeepSpeed holds no {key} for parameter {name}")
+                    mine[f"{name}::{key}"] = value.detach().to("cpu", copy=True).contiguous()
+        save_file(mine, tag_dir / LAYOUT_FREE_PART.format(part=rank))
+        if self.context.is_main:
+            steps = {float(s["step"]) for s in self._inner_optimizer().state.values() if "step" in s}
+            state = {
+                "parts": parts,
+                "adam_step": max(steps) if steps else 0.0,
+                "scheduler": self.scheduler.state_dict(),
+                # lr (the schedule's current value), betas, weight decay of each group: not in the schedule
+                "param_groups": [
+                    {k: v for k, v in group.items() if k != "params"}
+                    for group in self._inner_optimizer().param_groups
+                ],
+                "global_steps": int(self._ds.global_steps),
+                "global_samples": int(self._ds.global_samples),
+                "skipped_steps": int(self._ds.skipped_steps),
+            }
+            torch.save(state, tag_dir / LAYOUT_FREE_STATE)
 
     def _saved_layout(self, directory: Path) -> dict[str, int]:
         meta = directory / TAG / META_FILE
@@ -332,25 +440,101 @@ class DeepSpeedEngine:
         verify_torch_files(directory / TAG, checkpoint_types())  # DeepSpeed unpickles with full pickle
         same = saved == {"world_size": self.context.world_size, "zero_stage": self.stage}
         if same:
-            path, _ = self._ds.load_checkpoint(
-                str(directory),
-                tag=TAG,
-                load_module_strict=not self._has_frozen(),  # frozen weights are not in the checkpoint
-                load_optimizer_states=True,
-                load_lr_scheduler_states=True,
-            )
-            if path is None:
-                raise CheckpointError(f"DeepSpeed could not load the checkpoint in {directory / TAG}")
+            self._load_native(directory)
+            return
+        if not weights_only and saved["zero_stage"] == self.stage == 0:
+            self._load_native(directory)  # stage 0 keeps whole optimizer states: any world size reads them
+            return
+        if not weights_only and (directory / TAG / LAYOUT_FREE_STATE).is_file() and self.stage >= 1:
+            self._load_layout_free(directory / TAG, saved)
             return
         if not weights_only:
+            why = (
+                "it holds no layout-free state (written before it existed)"
+                if saved["zero_stage"] >= 1 and self.stage >= 1
+                else "ZeRO-0 and ZeRO 1-3 keep their optimizer states in different forms"
+            )
             raise CheckpointError(
                 f"{directory} was written by {saved['world_size']} ranks with ZeRO stage "
                 f"{saved['zero_stage']}; this job has {self.context.world_size} ranks and stage "
-                f"{self.stage}. "
-                f"Resume with the same layout (torchrun --nproc_per_node {saved['world_size']} ... "
+                f"{self.stage}, and {why}. "
+                f"Resume with a ZeRO stage of the same family (0, or 1-3; any number of ranks), or with "
+                f"the same layout (torchrun --nproc_per_node {saved['world_size']} ... "
                 f"deepspeed.zero_stage={saved['zero_stage']}); dft export reads any layout"
             )
         self._load_consolidated(directory, saved)
+
+    def _load_native(self, directory: Path) -> None:
+        path, _ = self._ds.load_checkpoint(
+            str(directory),
+            tag=TAG,
+            load_module_strict=not self._has_frozen(),  # frozen weights are not in the checkpoint
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load the checkpoint in {directory / TAG}")
+
+    def _load_layout_free(self, tag_dir: Path, saved: dict[str, int]) -> None:
+        """Re-partition the layout-free state into this engine (another world size or ZeRO stage).
+
+        Every rank reads the full value of each parameter (one at a time), then keeps its own partition.
+        """
+        from safetensors import safe_open
+
+        deepspeed = _import_deepspeed()
+        self._link_optimizer_states()
+        state = load_checked(tag_dir / LAYOUT_FREE_STATE, map_location="cpu")
+        files = [tag_dir / LAYOUT_FREE_PART.format(part=part) for part in range(state["parts"])]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{tag_dir} lacks {', '.join(missing)} of its layout-free state")
+        device = self.context.device
+        with contextlib.ExitStack() as stack:
+            parts = [stack.enter_context(safe_open(str(f), framework="pt", device="cpu")) for f in files]
+            where = {key: part for part in parts for key in part.keys()}  # noqa: SIM118 (safe_open is no dict)
+            for name, param in self._trainable():
+                if f"{name}::fp32" not in where:
+                    raise CheckpointError(
+                        f"{tag_dir} holds no state for parameter {name}: the checkpoint is of another "
+                        "model or PEFT setup"
+                    )
+                value = {k: where[f"{name}::{k}"].get_tensor(f"{name}::{k}") for k in ("fp32", *MOMENTS)}
+                fp32 = value["fp32"].to(device)
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):  # the module's copy
+                    if self.context.is_main or not hasattr(param, "ds_id"):
+                        param.data.copy_(fp32.to(param.dtype))
+                _set_full_state(param, fp32, None)  # the exact master, not a 16-bit copy of it
+                for key in MOMENTS:
+                    _set_full_state(param, value[key].to(device), key)
+        for entry in self._inner_optimizer().state.values():
+            if "step" in entry:
+                step = entry["step"]
+                entry["step"] = (
+                    torch.full_like(step, state["adam_step"])
+                    if isinstance(step, torch.Tensor)
+                    else state["adam_step"]
+                )
+        groups = self._inner_optimizer().param_groups
+        if len(groups) != len(state["param_groups"]):
+            raise CheckpointError(
+                f"{tag_dir} has {len(state['param_groups'])} optimizer parameter groups, this run "
+                f"{len(groups)}: resume with the same train.* optimizer settings (layer_lr_decay, head_lr)"
+            )
+        for group, saved_group in zip(groups, state["param_groups"], strict=True):
+            group.update(saved_group)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self._ds.global_steps = state["global_steps"]
+        self._ds.global_samples = state["global_samples"]
+        self._ds.skipped_steps = state["skipped_steps"]
+        log.info(
+            "resumed the layout-free state of %s (written by %d ranks, ZeRO-%d) on %d ranks, ZeRO-%d",
+            tag_dir.parent,
+            saved["world_size"],
+            saved["zero_stage"],
+            self.context.world_size,
+            self.stage,
+        )
 
     def _load_consolidated(self, directory: Path, saved: dict[str, int]) -> None:
         """Load full fp32 weights from a checkpoint of any layout into this engine's parameters."""

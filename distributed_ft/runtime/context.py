@@ -251,7 +251,9 @@ class TorchrunContext(ProcessGroupContext):
     equal ``WORLD_SIZE`` or the job is refused with a :class:`LaunchError` before any work is done.
     """
 
-    def __init__(self, use_gpu: UseGpu = False, expected_world_size: int | None = None) -> None:
+    def __init__(
+        self, use_gpu: UseGpu = False, expected_world_size: int | tuple[int, int] | None = None
+    ) -> None:
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         check_world_size(expected_world_size, world_size)
@@ -304,12 +306,22 @@ LAUNCH_HINT = (
 )
 
 
-def check_world_size(expected: int | None, world_size: int) -> None:
+def check_world_size(expected: int | tuple[int, int] | None, world_size: int) -> None:
     """Refuse a launcher world size that contradicts an explicit ``run.num_workers``.
 
     Raises:
-        LaunchError: ``expected`` is neither ``None``, ``1`` (accept the launcher's) nor ``world_size``.
+        LaunchError: ``expected`` is neither ``None``, ``1`` (accept the launcher's) nor ``world_size``,
+            or ``world_size`` is outside an elastic ``[min, max]``.
     """
+    if isinstance(expected, tuple | list):
+        low, high = expected
+        if not low <= world_size <= high:
+            raise LaunchError(
+                f"run.num_workers=[{low}, {high}] but the launcher started WORLD_SIZE={world_size} "
+                f"processes; start between {low} and {high} (torchrun --nnodes {low}:{high} for elastic "
+                "nodes)"
+            )
+        return
     if expected not in (None, 1, world_size):
         raise LaunchError(
             f"run.num_workers={expected} but the launcher started WORLD_SIZE={world_size} processes; "
@@ -325,7 +337,9 @@ def _int_env(env: Mapping[str, str], *names: str) -> int | None:
     return None
 
 
-def check_single_process_launch(expected: int | None, env: Mapping[str, str] | None = None) -> None:
+def check_single_process_launch(
+    expected: int | tuple[int, int] | None, env: Mapping[str, str] | None = None
+) -> None:
     """Refuse a process without ``env://`` variables that is not meant to train alone.
 
     Caught here: ``run.num_workers > 1``; ``accelerate launch`` whose config asked for several processes
@@ -336,6 +350,8 @@ def check_single_process_launch(expected: int | None, env: Mapping[str, str] | N
         LaunchError: With the command that launches the job correctly.
     """
     env = os.environ if env is None else env
+    if isinstance(expected, tuple | list):  # elastic: one process is fine when the range allows it
+        expected = None if expected[0] == 1 else expected[0]
     if expected not in (None, 1):
         raise LaunchError(
             f"run.num_workers={expected} but this is a single process without RANK/WORLD_SIZE; "
@@ -369,7 +385,9 @@ def local_world_size(env: Mapping[str, str] | None = None) -> int:
     return int(value) if value.isdigit() and int(value) > 0 else 1
 
 
-def create_context(use_gpu: UseGpu = False, expected_world_size: int | None = None) -> ProcessGroupContext:
+def create_context(
+    use_gpu: UseGpu = False, expected_world_size: int | tuple[int, int] | None = None
+) -> ProcessGroupContext:
     """The context for a process started from the command line (local or by a launcher).
 
     Raises:

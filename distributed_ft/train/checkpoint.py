@@ -220,13 +220,18 @@ class CheckpointManager:
             )
         return path
 
+    @staticmethod
+    def read_state(directory: Path) -> RunState:
+        """The run state of a checkpoint (no engine needed: read before the engine is built)."""
+        return RunState(**json.loads((directory / STATE_FILE).read_text()))
+
     def load(self, engine: Engine, directory: Path) -> RunState:
         """Restore ``engine``, this rank's RNG states and the run state from ``directory``."""
         engine.load(directory)
         rng = directory / f"rng-rank{self.context.rank}.pt"
         if rng.is_file():
             _set_rng_state(load_checked(rng))
-        return RunState(**json.loads((directory / STATE_FILE).read_text()))
+        return self.read_state(directory)
 
 
 def agree_on_resume(context: RuntimeContext, checkpoints: CheckpointManager, resume: str) -> Path | None:

@@ -21,7 +21,7 @@ from distributed_ft.data.prepare import PreparedDataset, PreparedSplit
 from distributed_ft.data.shards import ShardedBatchSource
 from distributed_ft.engine import build_engine
 from distributed_ft.engine.base import Engine
-from distributed_ft.errors import Preempted
+from distributed_ft.errors import CheckpointError, Preempted
 from distributed_ft.modeling.peft import (
     format_parameter_report,
     parameter_report,
@@ -34,8 +34,9 @@ from distributed_ft.tasks.base import Task
 from distributed_ft.train.checkpoint import CheckpointManager, RunState, agree_on_resume
 from distributed_ft.train.evaluate import evaluate
 from distributed_ft.train.job import Job, build_job, build_model
+from distributed_ft.train.layout import step_layout, with_grad_accum
 from distributed_ft.train.report import write_run_report
-from distributed_ft.train.step import LogWindow, StepTally, train_step, windows
+from distributed_ft.train.step import LogWindow, StepTally, micro_batch_seeds, train_step, windows
 from distributed_ft.train.throughput import FlopsMeter, flops_meter, peak_memory_bytes
 from distributed_ft.train.validation import Validation
 
@@ -54,9 +55,10 @@ def training_source(
     prefetch: int = 0,
     pin_memory: bool = False,
 ) -> ShardedBatchSource:
-    """The training batches of ``rank``: its share of each epoch, streamed from the split's shards.
+    """The training batches of ``rank``: its lanes of each epoch, streamed from the split's shards.
 
-    The one definition of the training order; benchmarks replay it to count tokens per step.
+    ``config.train.grad_accum`` is this world size's share of the step (``train/layout.py``). The one
+    definition of the training order; benchmarks replay it to count tokens per step.
     """
     return ShardedBatchSource(
         split.shard_reader(),
@@ -66,6 +68,7 @@ def training_source(
         seed=config.train.seed,
         rank=rank,
         world_size=world_size,
+        grad_accum=config.train.grad_accum,
         prefetch=prefetch,
         pin_memory=pin_memory,
     )
@@ -85,9 +88,19 @@ def train(
     prepared (or found in the cache) here. ``engine`` replaces the configured one (benchmarks wrap it).
     """
     # first: a conflicting DeepSpeed JSON fails before any write
+    injected = engine is not None
     engine = engine if engine is not None else build_engine(config, context)
     job = build_job(config, context, name, data)
     config, task, data = job.config, job.task, job.data
+    checkpoints = CheckpointManager(job.run_dir / "checkpoints", context, keep=config.train.keep_checkpoints)
+    resume_from = agree_on_resume(context, checkpoints, config.run.resume)
+    saved = checkpoints.read_state(resume_from) if resume_from is not None else None
+    layout = step_layout(config, context.world_size, saved.source if saved is not None else None)
+    if layout.grad_accum != config.train.grad_accum:  # resumed (or elastic) on another world size
+        if injected:
+            raise CheckpointError("an injected engine cannot change train.grad_accum to resume this run")
+        config = with_grad_accum(config, layout.grad_accum)
+        engine = build_engine(config, context)
     train_cfg, progress = config.train, Progress(config.run.progress, context)
     metrics_log = MetricsLogger(job.run_dir, context, config)  # + trackers of track.*
     log.info("device: %s", describe_device(context.device))
@@ -101,7 +114,7 @@ def train(
         prefetch=PREFETCH_DEPTH,
         pin_memory=context.device.type == "cuda",
     )
-    steps_per_epoch = math.ceil(len(source) / train_cfg.grad_accum)
+    steps_per_epoch = source.steps_per_epoch
     total_steps = train_cfg.max_steps or math.ceil(train_cfg.epochs * steps_per_epoch)
     log.info("train: %s", source.describe())
 
@@ -111,9 +124,7 @@ def train(
     meter = flops_meter(config, num_labels, parameters["trainable"], context.device, context.world_size)
     log.info(format_parameter_report(parameters))
     engine.prepare(model, total_steps)
-    checkpoints = CheckpointManager(job.run_dir / "checkpoints", context, keep=train_cfg.keep_checkpoints)
     state = RunState()
-    resume_from = agree_on_resume(context, checkpoints, config.run.resume)
     if resume_from is not None:
         state = checkpoints.load(engine, resume_from)
         source.load_state_dict(state.source)
@@ -172,7 +183,8 @@ def train(
         watchdog.start()  # run.hang_timeout_s: watches this epoch's steps (stopped in the finally)
         try:
             for micro_batches in windows(batches, train_cfg.grad_accum):
-                step = train_step(engine, task, micro_batches, context)
+                seeds = micro_batch_seeds(train_cfg.seed, state.step + 1, source.own_lanes)
+                step = train_step(engine, task, micro_batches, context, seeds)
                 tally.add(step)
                 state.step += 1
                 watchdog.beat(state.step)

@@ -15,10 +15,11 @@ that same reduction, so every rank learns it at the same step without an extra s
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from distributed_ft.data.sources import Batch
@@ -64,8 +65,26 @@ class StepOutput:
     grad_norm: torch.Tensor | float | None
 
 
-def train_step(engine: Engine, task: Task, window: list[Batch], context: RuntimeContext) -> StepOutput:
-    """Forward and backward over every micro-batch of ``window``, then one optimizer step."""
+def micro_batch_seeds(seed: int, step: int, lanes: Sequence[int]) -> list[int]:
+    """The torch seed of each micro-batch of optimizer step ``step``: a function of its lane, not its rank.
+
+    Dropout then draws the same masks for a micro-batch whichever rank computes it, so a run resumed on
+    another number of ranks continues the same losses (and no RNG state has to travel with a rank).
+    """
+    return [int(np.random.SeedSequence([seed, step, lane]).generate_state(1)[0]) for lane in lanes]
+
+
+def train_step(
+    engine: Engine,
+    task: Task,
+    window: list[Batch],
+    context: RuntimeContext,
+    seeds: Sequence[int] | None = None,
+) -> StepOutput:
+    """Forward and backward over every micro-batch of ``window``, then one optimizer step.
+
+    ``seeds``: the torch seed set before each micro-batch's forward (:func:`micro_batch_seeds`).
+    """
     window = [to_device(batch, context.device) for batch in window]
     weights = torch.stack([task.loss_weight(batch).to(torch.float64) for batch in window]).sum()
     global_weight = context.all_reduce(weights.clone().to(context.device))
@@ -73,6 +92,8 @@ def train_step(engine: Engine, task: Task, window: list[Batch], context: Runtime
     loss_sum = torch.zeros((), dtype=torch.float64, device=context.device)
     tokens = torch.zeros((), dtype=torch.float64, device=context.device)
     for index, batch in enumerate(window):
+        if seeds is not None:
+            torch.manual_seed(seeds[index])  # host-side: no device sync (CUDA generators are seeded lazily)
         outputs = engine.forward(model_inputs(batch), sync_grads=index == len(window) - 1)
         summed = task.loss_sum(outputs, batch)
         engine.backward(summed * scale.to(summed.dtype))

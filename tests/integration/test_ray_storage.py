@@ -154,26 +154,49 @@ def test_two_nodes_without_a_shared_disk_write_to_the_bucket_and_survive_a_lost_
 
     # 2. the same job loses a node after its step-10 checkpoint; a new node joins; the run resumes
     job = _job(cluster, env, bucket, tiny_bert, tiny_conll, tmp_path, "lost-node", "run.max_failures=3")
-
-    def committed() -> bool:  # Ray's controller records the checkpoints it committed in this snapshot
-        if not any(k.endswith("checkpoint_manager_snapshot.json") for k in keys("lost-node")):
-            return False
-        return b"step-0000010" in read("lost-node", "checkpoint_manager_snapshot.json")
-
-    deadline = time.time() + 300
-    while not committed():
-        assert job.poll() is None and time.time() < deadline, "no checkpoint before the job ended"
-        time.sleep(0.2)
+    _wait_for_checkpoint(job, read, keys, "lost-node")
     cluster.remove_node(nodes["b"], allow_graceful=False)
-    _worker_node(cluster, tmp_path / "scratch-c")
+    replacement = _worker_node(cluster, tmp_path / "scratch-c")
     out, _ = job.communicate(timeout=900)
     assert job.returncode == 0, out[-5000:]
-    history = _losses(read("lost-node", "metrics.jsonl"))
+    resumed = _after_restart(_losses(read("lost-node", "metrics.jsonl")))
+    assert [loss for _, loss in resumed] == [straight[s] for s, _ in resumed]
+    assert json.loads(read("lost-node", "results.json"))["steps"] == 30
+
+    # 3. elastic: run.num_workers=[1, 2] loses a node and no node replaces it; the run continues on the one
+    # worker left (grad_accum 1 -> 2 keeps the global batch) and finishes with the losses of 2 workers
+    job = _job(cluster, env, bucket, tiny_bert, tiny_conll, tmp_path, "elastic", "run.num_workers=[1, 2]")
+    _wait_for_checkpoint(job, read, keys, "elastic")
+    cluster.remove_node(replacement, allow_graceful=False)
+    out, _ = job.communicate(timeout=900)
+    assert job.returncode == 0, out[-5000:]
+    for step, loss in _after_restart(_losses(read("elastic", "metrics.jsonl"))):
+        assert loss == pytest.approx(straight[step], rel=1e-5), step  # 1 worker x 2 micro-batches = 2 x 1
+    elastic = json.loads(read("elastic", "results.json"))
+    assert elastic["steps"] == 30 and elastic["world_size"] == 1
+
+
+def _wait_for_checkpoint(job: subprocess.Popen, read, keys, run: str) -> None:
+    """Wait until Ray has committed ``run``'s step-10 checkpoint (its controller's snapshot names it)."""
+    deadline = time.time() + 300
+    while b"step-0000010" not in _snapshot(read, keys, run):
+        assert job.poll() is None and time.time() < deadline, "no checkpoint before the job ended"
+        time.sleep(0.2)
+
+
+def _after_restart(history: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """The records after the run restarted, checked to start right after a checkpoint and run to step 30."""
     steps = [s for s, _ in history]
     restart = next((i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]), None)
     assert restart is not None, f"the run never restarted: {steps}"
     resumed_from = steps[restart] - 1
     assert resumed_from in (10, 20), steps  # a checkpoint step: nothing before it is retrained
-    assert steps[restart:] == list(range(resumed_from + 1, 31))
-    assert [loss for _, loss in history[restart:]] == [straight[s] for s in steps[restart:]]
-    assert json.loads(read("lost-node", "results.json"))["steps"] == 30
+    assert steps[restart:] == list(range(resumed_from + 1, 31)), steps
+    return history[restart:]
+
+
+def _snapshot(read, keys, run: str) -> bytes:
+    """Ray's record of the checkpoints it committed for ``run`` (empty before the first)."""
+    if not any(k.endswith("checkpoint_manager_snapshot.json") for k in keys(run)):
+        return b""
+    return read(run, "checkpoint_manager_snapshot.json")

@@ -131,3 +131,69 @@ def test_length_grouping_groups_similar_lengths(shard_files):
         return float(np.mean([np.ptp(b["lengths"]) for b in source]))
 
     assert spread(grouped) < spread(mixed) / 3
+
+
+def _steps(sources: list[ShardedBatchSource], stop: int | None = None) -> list[list[list[int]]]:
+    """Each optimizer step as the sorted micro-batches every rank takes (a rank's ``grad_accum`` in a row)."""
+    first = sources[0]
+    iterators = [iter(s) for s in sources]
+    steps = []
+    for _ in range(first.steps_per_epoch - first.position // first.grad_accum):
+        if stop is not None and len(steps) == stop:
+            break
+        step = [next(it)["ids"] for it in iterators for _ in range(sources[0].grad_accum)]
+        steps.append(sorted(step))
+    for it in iterators:
+        it.close()
+    return steps
+
+
+def _ranks(shard_files, world_size: int, grad_accum: int) -> list[ShardedBatchSource]:
+    return [
+        ShardedBatchSource(
+            ParquetShards(shard_files),
+            _collate,
+            8,
+            seed=4,
+            rank=r,
+            world_size=world_size,
+            grad_accum=grad_accum,
+            window_rows=400,
+        )
+        for r in range(world_size)
+    ]
+
+
+@pytest.mark.parametrize(("world_size", "grad_accum"), [(1, 4), (2, 2), (4, 1)])
+def test_steps_do_not_depend_on_the_world_size(shard_files, world_size, grad_accum):
+    """4 lanes: every layout of them trains the same micro-batches in every step."""
+    expected = _steps(_ranks(shard_files, 4, 1))
+    sources = _ranks(shard_files, world_size, grad_accum)
+    assert _steps(sources) == expected
+    assert sum(s.rows_read for s in sources) == 3437 - sources[0].dropped_examples  # one copy in all
+
+
+@pytest.mark.parametrize(("before", "after"), [((2, 1), (1, 2)), ((1, 2), (2, 1)), ((2, 2), (4, 1))])
+def test_a_resize_continues_the_global_order(shard_files, before, after):
+    """Resume at step 37 on another world size: no sample twice, none skipped, the same steps."""
+    whole = _steps(_ranks(shard_files, *before))
+    first = _ranks(shard_files, *before)
+    taken = _steps(first, stop=37)
+    states = [s.state_dict() for s in first]
+    assert len({(s["steps"], s["lanes"], s["samples"]) for s in states}) == 1  # the ranks agree
+    assert states[0]["samples"] == 37 * 8 * before[0] * before[1]
+    resumed = _ranks(shard_files, *after)
+    for source in resumed:
+        source.load_state_dict(states[0])  # rank 0's position, whichever rank reads it
+    rest = _steps(resumed)
+    assert taken + rest == whole
+    ids = [i for step in taken + rest for batch in step for i in batch]
+    assert len(ids) == len(set(ids)) == 3437 - first[0].dropped_examples
+
+
+def test_a_position_of_another_global_batch_is_refused(shard_files):
+    from distributed_ft.data.shards import LayoutError
+
+    source = _ranks(shard_files, 2, 1)[0]
+    with pytest.raises(LayoutError, match="saved with 2 micro-batches per step; this run has 1 ranks"):
+        _ranks(shard_files, 1, 1)[0].load_state_dict(source.state_dict())
