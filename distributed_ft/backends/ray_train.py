@@ -266,6 +266,33 @@ def ray_use_gpu(use_gpu: bool | str, cluster_resources: dict[str, float]) -> boo
     return bool(use_gpu)
 
 
+def trainer_class(local_without_dashboard: bool) -> type:
+    """``TorchTrainer``, or on a Ray this process started without a dashboard one without the cleaner.
+
+    Ray 2.60 starts a detached ``PlacementGroupCleaner`` actor per run that asks the State API (served by
+    the dashboard) every second whether the controller still lives, to remove the placement group of a
+    controller that died. On the local Ray of ``run.backend=ray`` without ``RAY_ADDRESS`` there is no
+    dashboard: every query fails and logs a warning, one more process starts and stops with the run, and
+    the placement group goes with the local Ray anyway. There the callback is left out. On a cluster
+    (``RAY_ADDRESS``, a dashboard, ``ray job submit``) Ray's default stands.
+    """
+    from ray.train.torch import TorchTrainer
+
+    if not local_without_dashboard:
+        return TorchTrainer
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:  # another Ray version: its defaults
+        return TorchTrainer
+
+    class LocalTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list:
+            callbacks = super()._create_default_callbacks()
+            return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return LocalTorchTrainer
+
+
 def _ray_init(num_cpus: int | None) -> None:
     import ray
 
@@ -288,7 +315,7 @@ def train_on_ray(config: JobConfig, name: str) -> tuple[dict[str, Any], str]:
     import pyarrow.parquet as pq
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from distributed_ft.runtime.context import LocalContext
     from distributed_ft.runtime.tracking import setup_logging
@@ -332,7 +359,7 @@ def train_on_ray(config: JobConfig, name: str) -> tuple[dict[str, Any], str]:
             log.warning("run.max_failures=0: a lost worker ends the elastic run instead of resizing it")
     else:
         log.info("Ray workers: %d x %s", high, kind)
-    trainer = TorchTrainer(
+    trainer = trainer_class(local_without_dashboard=not os.environ.get("RAY_ADDRESS"))(
         train_worker,
         train_loop_config={
             "config": config.model_dump(mode="json"),

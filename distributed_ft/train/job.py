@@ -102,8 +102,11 @@ def default_run_dir(config: JobConfig, name: str) -> str:
 
 
 def fingerprint(config: JobConfig) -> dict[str, Any]:
-    """The config as it decides what is trained: all of it but where it writes, resumes and shows progress,
-    and the layout (workers, ZeRO stage, grad_accum), which a resumed run may change (``train/layout.py``)."""
+    """The config as it decides what is trained.
+
+    All of it but where it writes, resumes and shows progress, and the layout (workers, ZeRO stage,
+    grad_accum), which a resumed run may change (``train/layout.py``).
+    """
     values = config.model_dump(mode="json")
     for key in ("output_dir", "resume", "progress", "num_workers"):
         values["run"].pop(key)
