@@ -103,12 +103,7 @@ def test_two_nodes_without_a_shared_disk_write_to_the_bucket_and_survive_a_lost_
     cluster, scratch, nodes = two_node_cluster
     env, client, bucket = s3_server
 
-    def read(run: str, key: str) -> bytes:
-        return client.get_object(Bucket=bucket, Key=f"runs/{run}/{key}")["Body"].read()
-
-    def keys(run: str) -> list[str]:
-        listing = client.list_objects_v2(Bucket=bucket, Prefix=f"runs/{run}/")
-        return [o["Key"] for o in listing.get("Contents", [])]
+    read, keys = _bucket(client, bucket)
 
     # 1. an uninterrupted run: everything a user keeps is in the bucket
     job = _job(cluster, env, bucket, tiny_bert, tiny_conll, tmp_path, "straight")
@@ -173,12 +168,7 @@ def test_an_elastic_run_that_loses_a_node_finishes_on_the_worker_left(
     cluster, _, nodes = two_node_cluster
     env, client, bucket = s3_server
 
-    def read(run: str, key: str) -> bytes:
-        return client.get_object(Bucket=bucket, Key=f"runs/{run}/{key}")["Body"].read()
-
-    def keys(run: str) -> list[str]:
-        listing = client.list_objects_v2(Bucket=bucket, Prefix=f"runs/{run}/")
-        return [o["Key"] for o in listing.get("Contents", [])]
+    read, keys = _bucket(client, bucket)
 
     job = _job(cluster, env, bucket, tiny_bert, tiny_conll, tmp_path, "elastic", "run.num_workers=[1, 2]")
     _wait_for_checkpoint(job, read, keys, "elastic")
@@ -189,6 +179,19 @@ def test_an_elastic_run_that_loses_a_node_finishes_on_the_worker_left(
     _after_restart(_losses(read("elastic", "metrics.jsonl")))
     elastic = json.loads(read("elastic", "results.json"))
     assert elastic["steps"] == 30 and elastic["world_size"] == 1
+
+
+def _bucket(client, bucket: str):
+    """``read(run, key)`` (an object's bytes) and ``keys(run)`` (its object keys) of runs under ``runs/``."""
+
+    def read(run: str, key: str) -> bytes:
+        return client.get_object(Bucket=bucket, Key=f"runs/{run}/{key}")["Body"].read()
+
+    def keys(run: str) -> list[str]:
+        listing = client.list_objects_v2(Bucket=bucket, Prefix=f"runs/{run}/")
+        return [o["Key"] for o in listing.get("Contents", [])]
+
+    return read, keys
 
 
 def _wait_for_checkpoint(job: subprocess.Popen, read, keys, run: str) -> None:
