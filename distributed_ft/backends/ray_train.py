@@ -96,9 +96,29 @@ class RayContext(ProcessGroupContext):
         own.mkdir(parents=True, exist_ok=True)
         try:
             checkpoint = ray.train.Checkpoint.from_directory(str(own))
-            ray.train.report(numbers, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir.name)
+            ray.train.report(
+                numbers,
+                checkpoint=checkpoint,
+                checkpoint_dir_name=checkpoint_dir.name,
+                checkpoint_upload_fn=None if storage.is_uri(self.outputs) else self._link_into_storage,
+            )
         finally:
             shutil.rmtree(own, ignore_errors=True)
+
+    def _link_into_storage(self, checkpoint: Any, dir_name: str) -> Any:
+        """Ray's upload of a checkpoint to a local (or NFS) ``run.storage_path``: hard links, not a copy.
+
+        The default storage of a single-node run is on the disk the checkpoint was written to, where
+        Ray's own upload copies every byte (seconds per GB, in the training step); files on another
+        filesystem are copied.
+        """
+        import ray.train
+
+        destination = storage.local_path(storage.join(self.outputs, dir_name))
+        copied = storage.link_tree(Path(checkpoint.path), destination)
+        if copied:
+            log.debug("checkpoint %s: %d bytes copied (storage on another filesystem)", dir_name, copied)
+        return ray.train.Checkpoint.from_directory(str(destination))
 
     def resume_checkpoint(self) -> Path | None:
         """The latest checkpoint Ray holds for this run (after a worker failure or a re-submission)."""
@@ -293,16 +313,18 @@ def trainer_class(local_without_dashboard: bool) -> type:
     return LocalTorchTrainer
 
 
-def _ray_init(num_cpus: int | None) -> None:
+def _ray_init(num_cpus: int | None) -> bool:
+    """Connect to ``RAY_ADDRESS``, or start a local Ray; returns whether this call did (not a caller)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
     else:  # a local Ray for this process ("local" avoids a stale cluster file after `ray stop`)
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    return True
 
 
 def train_on_ray(config: JobConfig, name: str) -> tuple[dict[str, Any], str]:
@@ -331,7 +353,7 @@ def train_on_ray(config: JobConfig, name: str) -> tuple[dict[str, Any], str]:
 
     run = config.run
     low, high = run.worker_range
-    _ray_init(None if os.environ.get("RAY_ADDRESS") else max(high, os.cpu_count() or 1))
+    connected = _ray_init(None if os.environ.get("RAY_ADDRESS") else max(high, os.cpu_count() or 1))
     blocks: dict[str, list[Any]] = {}  # read once by the driver; each worker fetches the shards it reads
     rows: dict[str, list[int]] = {}
     for split in prepared.splits.values():
@@ -404,6 +426,8 @@ def train_on_ray(config: JobConfig, name: str) -> tuple[dict[str, Any], str]:
             f"say why (checkpoints: {result.path})"
         )
     storage.fetch_run(outputs, run_dir)  # the driver's copy (no checkpoints); storage keeps the original
+    if connected:  # the Ray this call started or joined, as soon as the results are in (not at exit)
+        ray.shutdown()
     log.info("run outputs: %s (local copy without checkpoints: %s)", outputs, run_dir)
     if _driver_logs_mlflow(config):
         from distributed_ft.runtime.trackers import replay_mlflow

@@ -38,8 +38,12 @@ def _filesystem(location: str) -> tuple[Any, str]:
             return pafs.FileSystem.from_uri(location)
         except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError
             raise ConfigError(f"cannot open storage {location!r}: {exc}") from exc
-    local = str(location).removeprefix("file://")
-    return pafs.LocalFileSystem(), os.path.abspath(local)
+    return pafs.LocalFileSystem(), str(local_path(location))
+
+
+def local_path(location: str | Path) -> Path:
+    """The absolute path of a local location (a path or a ``file://`` URI)."""
+    return Path(os.path.abspath(str(location).removeprefix("file://")))
 
 
 def join(location: str, *parts: str) -> str:
@@ -61,6 +65,26 @@ def upload(local: Path, location: str) -> None:
         fs.create_dir(parent, recursive=True)
     with local.open("rb") as source, fs.open_output_stream(path) as target:
         shutil.copyfileobj(source, target)
+
+
+def link_tree(source: Path, target: Path) -> int:
+    """Put the files of the directory ``source`` under the local directory ``target``; returns bytes copied.
+
+    Each file is hard-linked (free, and safe for files never rewritten in place, such as checkpoint
+    files), or copied where ``target`` is on another filesystem. A file already at ``target`` is replaced.
+    """
+    copied = 0
+    for file in sorted(p for p in source.rglob("*") if p.is_file()):
+        destination = target / file.relative_to(source)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        destination.unlink(missing_ok=True)
+        try:
+            os.link(file, destination)
+        except OSError:  # another device (EXDEV), or a filesystem without hard links
+            shutil.copy2(file, destination)
+            copied += destination.stat().st_size
+    target.mkdir(parents=True, exist_ok=True)
+    return copied
 
 
 def download(location: str, local: Path) -> Path:
