@@ -229,3 +229,35 @@ def test_a_tiny_train_run_with_few_shot_and_augmentation(tiny_job, tmp_path, one
     assert manifest["splits"]["test"]["stats"]["examples"] == 60
     steps = [e for e in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())]
     assert Counter("loss" in e for e in steps)[True] >= 1
+
+
+def test_classification_task_prepares_noised_copies_of_the_training_split_only(tiny_bert, tmp_path):
+    from distributed_ft.config.load import validate
+    from distributed_ft.tasks.sequence_classification import SequenceClassificationTask
+
+    table = _texts(24, markers=True)
+    paths = {}
+    for split, n in (("train", 24), ("validation", 8)):
+        rows = table.slice(0, n)
+        texts, labels = rows.column("text").to_pylist(), rows.column("labels").to_pylist()
+        records = [{"text": t, "label": ls[0]} for t, ls in zip(texts, labels, strict=True)]
+        paths[split] = tmp_path / f"{split}.jsonl"
+        paths[split].write_text("".join(json.dumps(r) + "\n" for r in records))
+    raw = {
+        "task": "sequence_classification",
+        "model": {"name": str(tiny_bert)},
+        "data": {
+            "cache_dir": str(tmp_path / "cache"),
+            "max_length": 32,
+            "entity_markers": True,
+            "augment": {"multiplier": 2, "token_noise": 0.3},
+        },
+    }
+    prepared = SequenceClassificationTask(validate(raw)).prepare_data(
+        make_tokenizer(), {s: str(p) for s, p in paths.items()}
+    )
+    train = prepared.splits["train"].read()
+    assert train.num_rows == 72 and prepared.splits["validation"].read().num_rows == 8
+    labels = train.column("label_ids").to_pylist()
+    assert labels[24:48] == labels[:24] and labels[48:] == labels[:24]  # copies keep their labels
+    assert prepared.meta["training_set"][0].startswith("augment: 24 -> 72 training examples")
