@@ -350,6 +350,8 @@ def train_on_ray(config: JobConfig, name: str) -> tuple[dict[str, Any], str]:
     tokenizer, task = load_task(config)
     prepared = task.prepare_data(tokenizer, data_splits(config))
     log.info("data: %s (%s)", prepared.directory, "reused cache" if prepared.reused else "prepared")
+    for note in prepared.meta.get("training_set", []):
+        log.info("  train: %s", note)
 
     run = config.run
     low, high = run.worker_range

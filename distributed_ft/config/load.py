@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from distributed_ft.config.schema import DATA_SECTIONS, JobConfig, key_owner
+from distributed_ft.config.schema import DATA_SECTIONS, JobConfig, key_owners
 from distributed_ft.errors import ConfigError
 
 log = logging.getLogger("distributed_ft")
@@ -160,7 +160,9 @@ def _as_unit(raw: dict[str, Any], source: dict[str, Any], given: set[str]) -> li
             data.pop(split, None)
     if new_task:
         for key in [
-            k for k in data if f"data.{k}" not in given and key_owner(k) not in (None, raw.get("task"))
+            k
+            for k in data
+            if not _overridden(f"data.{k}", given) and key_owners(k) and raw.get("task") not in key_owners(k)
         ]:
             dropped.append(f"data.{key}={data.pop(key)}")
     source_metric = (source.get("eval") or {}).get("metric")
@@ -171,6 +173,11 @@ def _as_unit(raw: dict[str, Any], source: dict[str, Any], given: set[str]) -> li
         verb = "is" if len(dropped) == 1 else "are"
         notes.append(f"{reason}, so the recipe's {' '.join(dropped)} {verb} dropped (set a key to keep it)")
     return notes
+
+
+def _overridden(key: str, given: set[str]) -> bool:
+    """Whether an override set ``key`` or a key inside it (``data.augment.multiplier``: ``data.augment``)."""
+    return key in given or any(g.startswith(key + ".") for g in given)
 
 
 def _format_error(exc: ValidationError) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -80,7 +80,82 @@ class DataConfig(_Section):
     but 1 for fewer than 100,000 rows (or 2 shards): starting the workers costs ~3 s."""
 
 
-class TokenClassificationData(DataConfig):
+class AugmentConfig(_Section):
+    """``data.augment.*``: augmented copies of the training split, made once and cached with it.
+
+    Deterministic by ``train.seed``; validation and test are never augmented. Each task has its own
+    operations (:class:`TokenAugmentConfig`, :class:`TextAugmentConfig`).
+    """
+
+    multiplier: int = Field(0, ge=0, le=64)
+    """Augmented copies of each training example (0: no augmentation); the originals are kept."""
+
+    OTHER_TASK: ClassVar[dict[str, str]] = {}
+    """Keys of the other task's augmentation, and what this task uses instead (for the error)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_other_task_keys(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            for key, hint in cls.OTHER_TASK.items():
+                if key in value:
+                    raise ValueError(f"data.augment.{key} does not apply to this task: {hint}")
+        return value
+
+    def probabilities(self) -> dict[str, float]:
+        """The operation probabilities of the task, by key."""
+        return {k: v for k, v in self.model_dump().items() if k != "multiplier"}
+
+    @model_validator(mode="after")
+    def _check_operations(self) -> AugmentConfig:
+        probabilities = self.probabilities()
+        if self.multiplier and not any(probabilities.values()):
+            keys = " / ".join(f"data.augment.{k}" for k in probabilities)
+            raise ValueError(
+                f"data.augment.multiplier={self.multiplier} with every operation at 0 would only copy "
+                f"examples: set {keys} above 0, or data.augment.multiplier=0"
+            )
+        return self
+
+
+class TokenAugmentConfig(AugmentConfig):
+    """``data.augment.*`` of token classification: label-preserving, every copy valid IOB2."""
+
+    mention_replace: float = Field(0.5, ge=0, le=1)
+    """Chance that an entity mention (``B-X I-X*``) is replaced by another mention of type X from the
+    training split (re-tagged ``B-X I-X...``)."""
+    token_substitute: float = Field(0.1, ge=0, le=1)
+    """Chance that a word (outside replaced mentions) is replaced by another training word of the same
+    tag (``O`` by ``O``, ``B-X`` by ``B-X``, ``I-X`` by ``I-X``)."""
+
+    OTHER_TASK: ClassVar[dict[str, str]] = {
+        "token_noise": "it is sequence_classification's; token classification uses "
+        "data.augment.mention_replace and data.augment.token_substitute",
+    }
+
+
+class TextAugmentConfig(AugmentConfig):
+    """``data.augment.*`` of sequence classification: word-level noise on the texts, labels kept."""
+
+    token_noise: float = Field(0.1, ge=0, le=1)
+    """Chance per word of one noise operation, picked uniformly: swap with the next word, delete it, or
+    replace it by a word of the training texts (entity-marker words are left in place)."""
+
+    OTHER_TASK: ClassVar[dict[str, str]] = {
+        key: "it is token_classification's; sequence classification uses data.augment.token_noise"
+        for key in ("mention_replace", "token_substitute")
+    }
+
+
+class LabelledData(DataConfig):
+    """``data.*`` keys of the classification tasks: few-shot selection of the training split."""
+
+    shots_per_label: int | None = Field(None, ge=1)
+    """Few-shot: keep k training examples per class (token classification: k sentences per entity
+    type, see ``distributed_ft/data/few_shot.py``), sampled by ``train.seed``; before augmentation."""
+
+
+class TokenClassificationData(LabelledData):
     """``data.*`` of ``task=token_classification`` (NER and other word tagging)."""
 
     tokens_column: str = "tokens"
@@ -94,9 +169,11 @@ class TokenClassificationData(DataConfig):
     """Input tagging scheme; everything is normalised to IOB2."""
     label_all_subtokens: bool = False
     """Label every sub-token of a word (continuations get the ``I-`` tag) instead of the first only."""
+    augment: TokenAugmentConfig = TokenAugmentConfig()
+    """Mention replacement and same-tag word substitution on the training split."""
 
 
-class SequenceClassificationData(DataConfig):
+class SequenceClassificationData(LabelledData):
     """``data.*`` of ``task=sequence_classification`` (single- and multi-label, pairs, relations)."""
 
     text_column: str = "text"
@@ -115,6 +192,8 @@ class SequenceClassificationData(DataConfig):
     entity_markers: bool | list[str] = False
     """Relation classification: marker tokens added to the tokenizer (``true``: ``[E1]`` ``[/E1]``
     ``[E2]`` ``[/E2]``); each text must contain every marker once."""
+    augment: TextAugmentConfig = TextAugmentConfig()
+    """Word-level noise on the training texts."""
 
 
 class CausalLMData(DataConfig):
@@ -147,11 +226,11 @@ TASK_FORMATS: dict[str, str] = {"conll": "token_classification", "folder": "sequ
 """Formats only one task reads."""
 
 
-def key_owner(key: str) -> str | None:
-    """The task whose ``data`` section alone has ``key`` (``None``: shared, or no task has it)."""
+def key_owners(key: str) -> tuple[str, ...]:
+    """The tasks whose ``data`` sections have ``key`` (empty: shared by all, or no task has it)."""
     if key in DataConfig.model_fields:
-        return None
-    return next((task for task, section in DATA_SECTIONS.items() if key in section.model_fields), None)
+        return ()
+    return tuple(task for task, section in DATA_SECTIONS.items() if key in section.model_fields)
 
 
 def data_section(task: str, value: Any) -> DataConfig:
@@ -163,11 +242,11 @@ def data_section(task: str, value: Any) -> DataConfig:
         value = value.model_dump(exclude_unset=True)
     if isinstance(value, dict):
         for key in value:
-            owner = key_owner(key)
-            if owner is not None and owner != task:
+            owners = key_owners(key)
+            if owners and task not in owners:
                 raise ValueError(
-                    f"data.{key} is a {owner} key, but this job's task is {task}: "
-                    f"drop it, or set task={owner}"
+                    f"data.{key} is a {' / '.join(owners)} key, but this job's task is {task}: "
+                    f"drop it, or set task={' or task='.join(owners)}"
                 )
         fmt = value.get("format")
         if fmt in TASK_FORMATS and TASK_FORMATS[fmt] != task:

@@ -134,9 +134,30 @@ def input_key(
             "labels": labels,
             "max_length": data.max_length,
             "limits": [data.max_train_samples, data.max_eval_samples, data.max_test_samples],
+            **(training_set_options(config) if "train" in splits else {}),
             **options,
         }
     )
+
+
+def training_set_options(config: JobConfig) -> dict[str, Any]:
+    """The few-shot and augmentation keys (and the seed they draw with) when either is on, else nothing.
+
+    Off, they add nothing to the cache key, so caches prepared without them stay valid.
+    """
+    data = config.data
+    shots = getattr(data, "shots_per_label", None)
+    augment = getattr(data, "augment", None)
+    augmented = augment is not None and augment.multiplier > 0
+    if not shots and not augmented:
+        return {}
+    return {
+        "training_set": {
+            "shots_per_label": shots,
+            "augment": augment.model_dump() if augmented else None,
+            "seed": config.train.seed,
+        }
+    }
 
 
 def cached(config: JobConfig, key: str, build: Callable[[], Preparation]) -> PreparedDataset:

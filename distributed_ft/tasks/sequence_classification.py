@@ -24,7 +24,9 @@ from torch import nn
 from distributed_ft.config.schema import JobConfig
 from distributed_ft.config.task_metrics import TASK_METRICS
 from distributed_ft.data import readers
+from distributed_ft.data.augment import augment_texts
 from distributed_ft.data.builtin import resolve
+from distributed_ft.data.few_shot import few_shot_examples
 from distributed_ft.data.prepare import (
     Preparation,
     PreparedDataset,
@@ -251,6 +253,9 @@ class SequenceClassificationTask:
         for table in tables.values():
             check_known_labels(table, labels)
         tables = {split: limit_split(table, split, self.config.data) for split, table in tables.items()}
+        notes: list[str] = []
+        if "train" in tables:
+            tables["train"], notes = self.training_set(tables["train"])
         self.labels = labels
         # kept whatever data.class_weights says (it is no part of the key); restore_assets applies them
         weights = self.balanced_weights(tables["train"]).tolist() if "train" in tables else None
@@ -264,7 +269,18 @@ class SequenceClassificationTask:
             markers=self.markers,
         )
         plans = [SplitPlan(split, table, encode) for split, table in tables.items()]
-        return Preparation(plans, labels, meta={"class_weights": weights})
+        return Preparation(plans, labels, meta={"class_weights": weights, "training_set": notes})
+
+    def training_set(self, train: pa.Table) -> tuple[pa.Table, list[str]]:
+        """Few-shot selection, then augmentation, of the training examples; a log line for each."""
+        data, seed, notes = self.config.data, self.config.train.seed, []
+        if data.shots_per_label:
+            train, note = few_shot_examples(train, data.shots_per_label, seed)
+            notes.append(note)
+        if data.augment.multiplier:
+            train, stats = augment_texts(train, data.augment, seed, self.markers)
+            notes.append(stats.describe("examples"))
+        return train, notes
 
     def encode(
         self, table: pa.Table, tokenizer: Any, label2id: dict[str, int] | None, split: str = "input"

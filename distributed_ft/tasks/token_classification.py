@@ -20,7 +20,9 @@ from torch import nn
 from distributed_ft.config.schema import JobConfig
 from distributed_ft.config.task_metrics import TASK_METRICS
 from distributed_ft.data import readers
+from distributed_ft.data.augment import augment_sentences
 from distributed_ft.data.builtin import resolve
+from distributed_ft.data.few_shot import few_shot_sentences
 from distributed_ft.data.prepare import (
     Preparation,
     PreparedDataset,
@@ -191,6 +193,9 @@ class TokenClassificationTask:
         for split, table in tables.items():
             if split != "train":
                 readers.validate_tags(table, set(labels), resolve(splits[split]))
+        notes: list[str] = []
+        if "train" in tables:
+            tables["train"], notes = self.training_set(tables["train"])
         encode = functools.partial(
             encode_sentences,
             tokenizer=tokenizer,
@@ -198,7 +203,19 @@ class TokenClassificationTask:
             max_length=data.max_length,
             continuation=continuation_labels(labels) if data.label_all_subtokens else None,
         )
-        return Preparation([SplitPlan(split, table, encode) for split, table in tables.items()], labels)
+        plans = [SplitPlan(split, table, encode) for split, table in tables.items()]
+        return Preparation(plans, labels, meta={"training_set": notes})
+
+    def training_set(self, train: pa.Table) -> tuple[pa.Table, list[str]]:
+        """Few-shot selection, then augmentation, of the training sentences; a log line for each."""
+        data, seed, notes = self.config.data, self.config.train.seed, []
+        if data.shots_per_label:
+            train, note = few_shot_sentences(train, data.shots_per_label, seed)
+            notes.append(note)
+        if data.augment.multiplier:
+            train, stats = augment_sentences(train, data.augment, seed)
+            notes.append(stats.describe("sentences"))
+        return train, notes
 
     def collate(self, rows: list[dict[str, Any]], with_meta: bool = False) -> Batch:
         """Dynamic padding to the longest example of the batch."""

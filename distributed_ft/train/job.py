@@ -222,6 +222,8 @@ def prepare_data_once(
         log.info("data: %s (%s)", prepared.directory, how)
         for name, split in prepared.splits.items():
             log.info("  %s", split.stats.describe(name))
+        for note in prepared.meta.get("training_set", []):
+            log.info("  train: %s", note)
     return prepared
 
 
