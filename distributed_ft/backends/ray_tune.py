@@ -213,6 +213,8 @@ def tune_on_ray(config: JobConfig, name: str, space: SearchSpace, options: TuneO
     setup_logging(LocalContext())
     if options.trials < 1:
         raise ConfigError(f"--trials must be at least 1 (got {options.trials})")
+    if options.max_concurrent is not None and options.max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent must be at least 1 (got {options.max_concurrent})")
     if not options.reduction_factor > 1:
         raise ConfigError(f"--reduction-factor must be above 1 (got {options.reduction_factor})")
     if config.run.use_gpu is True and not options.gpus_per_trial:
@@ -251,14 +253,16 @@ def tune_on_ray(config: JobConfig, name: str, space: SearchSpace, options: TuneO
                 metric=metric,
                 mode=mode,
                 num_samples=options.trials,
-                max_concurrent_trials=options.max_concurrent,
                 scheduler=ASHAScheduler(
                     time_attr="step",
                     max_t=MAX_STEPS,
                     grace_period=grace,
                     reduction_factor=options.reduction_factor,
                 ),
-                search_alg=BasicVariantGenerator(random_state=seed),
+                # the limit goes here: Tune ignores max_concurrent_trials beside a BasicVariantGenerator
+                search_alg=BasicVariantGenerator(
+                    random_state=seed, max_concurrent=options.max_concurrent or 0
+                ),
                 trial_name_creator=_trial_name,
                 trial_dirname_creator=_trial_name,
             ),

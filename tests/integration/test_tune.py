@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 
@@ -66,6 +67,13 @@ def test_tune_stops_trials_early_and_best_config_reproduces(local_ray, tiny_job,
         assert 5 <= int(row["steps"]) < full and not (trial_dir / "results.json").exists()
         events = [json.loads(line) for line in (trial_dir / "metrics.jsonl").read_text().splitlines()]
         assert max(e["step"] for e in events if e["event"] == "eval") == int(row["steps"])
+    spans = []  # --max-concurrent 1: one trial at a time (its first to its last logged event)
+    for row in rows:
+        lines = (run_dir / "trials" / row["trial"] / "metrics.jsonl").read_text().splitlines()
+        times = [json.loads(line)["time"] for line in lines]
+        spans.append((min(times), max(times)))
+    spans.sort()
+    assert all(start > end for (_, end), (start, _) in itertools.pairwise(spans))
     best = min(finished, key=lambda row: float(row["best_loss"]))
     markdown = (run_dir / "results.md").read_text()
     assert f"Best trial: {best['trial']}" in markdown and markdown.count("| trial-") == 4
