@@ -21,6 +21,7 @@ EPILOG = """examples:
   dft train ner-conll2003 train.lr=3e-5 train.epochs=2
   dft train my_job.yaml run.output_dir=runs/exp1
   dft config show ner-conll2003
+  dft tune ner-conll2003 --space space.yaml --trials 8   # Ray Tune + ASHA: results.md, best.yaml
   dft predict runs/exp1 --input sentences.txt
   dft evaluate runs/exp1 data.test=data/test.conll
   dft report runs/exp1 runs/exp2 --out report   # curves overlaid + report.md
@@ -83,6 +84,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="fine-tune a model (run directory: config, metrics, export)")
     _job_arguments(train)
+
+    tune = commands.add_parser(
+        "tune",
+        help="hyper-parameter search on Ray Tune (ASHA on eval.metric): results table + best.yaml",
+        description="Sample --trials configs from a search space around RECIPE|CONFIG and train each as the\n"
+        "job `dft train` runs, one Ray Tune trial each (a local Ray, or the cluster at RAY_ADDRESS). ASHA\n"
+        "compares the trials' validation eval.metric at rungs of grace x factor^k optimizer steps and\n"
+        "stops the worse ones early. RUN_DIR (run.output_dir, default runs/NAME-tune-TIME) gets:\n"
+        "  trials/<trial>/  each trial's run directory\n"
+        "  results.csv, results.md  trial, sampled values, best metric and its step, steps, stopped early,\n"
+        "                           wall s, status\n"
+        "  best.yaml  the best completed trial's config: `dft train best.yaml` retrains it (same seeds,\n"
+        "             same validation metric at its best checkpoint)",
+        epilog="space.yaml maps dotted config keys to a distribution:\n"
+        "  train.lr: {loguniform: [1e-5, 1e-3]}\n"
+        "  train.warmup_ratio: {uniform: [0, 0.2]}\n"
+        "  train.batch_size: {randint: [8, 33]}    # 8..32\n"
+        "  train.epochs: {choice: [2, 3]}\n"
+        "example:\n"
+        "  dft tune ner-conll2003 train.eval_every=100 --space space.yaml --trials 8 --cpus-per-trial 2",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _job_arguments(tune)
+    tune.add_argument("--space", required=True, help="search space YAML (dotted key: {distribution: [...]})")
+    tune.add_argument("--trials", type=int, required=True, help="number of sampled configs to train")
+    tune.add_argument("--cpus-per-trial", type=_positive, default=1.0, help="CPUs each trial reserves (1)")
+    tune.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs each trial reserves (0)")
+    tune.add_argument("--max-concurrent", type=int, help="trials at a time (default: what resources allow)")
+    tune.add_argument(
+        "--grace-period", type=int, help="steps before ASHA may stop a trial (default: train.eval_every)"
+    )
+    tune.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA keeps 1/factor per rung (2)")
+    tune.add_argument("--seed", type=int, help="seed of the sampled values (default: train.seed)")
 
     evaluate = commands.add_parser("evaluate", help="score a run or model directory on a labelled file")
     evaluate.add_argument("path", help="run directory (config.yaml + export/) or model directory")
@@ -215,6 +249,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     from distributed_ft.train.loop import results_summary
 
     print(results_summary(results, run_dir, get_task(config).format_report))
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """``dft tune``: hyper-parameter search on Ray Tune (``backends/ray_tune.py``)."""
+    from distributed_ft.config import load_config
+    from distributed_ft.config.space import read_space
+
+    config, name = load_config(*_job_source(args))
+    space = read_space(args.space)
+    from distributed_ft.backends.ray_tune import TuneOptions, tune_on_ray
+
+    options = TuneOptions(
+        trials=args.trials,
+        cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial,
+        max_concurrent=args.max_concurrent,
+        grace_period=args.grace_period,
+        reduction_factor=args.reduction_factor,
+        seed=args.seed,
+    )
+    summary = tune_on_ray(config, name, space, options)
+    print(summary.files["md"].read_text())
+    print(f"best config: {summary.files['best']}  (dft train {summary.files['best']})")
     return 0
 
 
@@ -362,6 +420,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "train": cmd_train,
+    "tune": cmd_tune,
     "evaluate": cmd_evaluate,
     "predict": cmd_predict,
     "export": cmd_export,

@@ -313,8 +313,11 @@ def trainer_class(local_without_dashboard: bool) -> type:
     return LocalTorchTrainer
 
 
-def _ray_init(num_cpus: int | None) -> bool:
-    """Connect to ``RAY_ADDRESS``, or start a local Ray; returns whether this call did (not a caller)."""
+def ray_init(num_cpus: int | None) -> bool:
+    """Connect to ``RAY_ADDRESS``, or start a local Ray without a dashboard; whether this call did either.
+
+    A Ray this process already initialised (a test's, a notebook's) is used as it is.
+    """
     import ray
 
     if ray.is_initialized():
@@ -355,7 +358,7 @@ def train_on_ray(config: JobConfig, name: str) -> tuple[dict[str, Any], str]:
 
     run = config.run
     low, high = run.worker_range
-    connected = _ray_init(None if os.environ.get("RAY_ADDRESS") else max(high, os.cpu_count() or 1))
+    connected = ray_init(None if os.environ.get("RAY_ADDRESS") else max(high, os.cpu_count() or 1))
     blocks: dict[str, list[Any]] = {}  # read once by the driver; each worker fetches the shards it reads
     rows: dict[str, list[int]] = {}
     for split in prepared.splits.values():

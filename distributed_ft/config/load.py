@@ -120,15 +120,28 @@ def apply_override(raw: dict[str, Any], assignment: str) -> str:
     key, sep, value = assignment.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {assignment!r} is not of the form key=value (e.g. train.lr=3e-5)")
+    try:
+        return set_key(raw, key, yaml.safe_load(value) if value.strip() else None)
+    except ConfigError as exc:
+        raise ConfigError(f"override {assignment!r}: {exc}") from None
+
+
+def set_key(raw: dict[str, Any], key: str, value: Any) -> str:
+    """Set the dotted ``key`` of the raw mapping to ``value`` (sections made as needed); returns the key."""
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {assignment!r}: {part!r} is a value, not a section")
+            raise ConfigError(f"{part!r} is a value, not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    node[parts[-1]] = value
     return ".".join(parts)
+
+
+def unknown_key_hint(key: str) -> str | None:
+    """``None`` for a key a config may set, else the ``; did you mean ...?`` hint (possibly empty)."""
+    return None if key in _valid_keys() else _closest_key(key)
 
 
 def _as_unit(raw: dict[str, Any], source: dict[str, Any], given: set[str]) -> list[str]:
