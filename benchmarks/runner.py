@@ -33,6 +33,7 @@ KINDS = {
     "data_pipeline": "benchmarks.data_pipeline",
     "zero3_load": "benchmarks.zero3_load",
     "data_scale": "benchmarks.data_scale",
+    "quality": "benchmarks.quality",
 }
 """``kind`` -> the module whose ``run(spec, workdir)`` returns the payload."""
 

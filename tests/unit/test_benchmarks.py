@@ -52,6 +52,7 @@ def test_every_experiment_file_loads_and_its_job_config_validates(name, smoke):
 
 def test_the_expected_experiments_exist():
     expected = {"loops", "orchestration", "zero", "data_pipeline", "scaling", "zero3_load", "data_scale"}
+    expected |= {"quality", "few_shot"}
     assert expected <= set(runner.experiment_names())
 
 
@@ -153,6 +154,24 @@ def test_loops_smoke(bench_cache, tmp_path):
         assert record["state_bytes"]["optimizer_states"] > 0
     ratios = {(r["comparison"], r["metric"]): r["value"] for r in payload["ratios"]}
     assert ratios[("ours / plain", "samples_per_s")] > 0 and ratios[("ours / hf", "samples_per_s")] > 0
+
+
+def test_quality_smoke(bench_cache, tmp_path):
+    """Each technique and HF Trainer trained per seed, scored on test, compared with the plain run."""
+    payload = _smoke("quality", tmp_path)
+    assert not payload["failures"], payload["failures"]
+    assert {r["variant"] for r in payload["records"]} == {"plain", "augment", "hf"}
+    for record in payload["records"]:
+        assert 0 <= record["f1"] <= 1 and record["wall_seconds"] > 0
+    rows = {row[0]: row for row in payload["tables"][0]["rows"]}
+    assert rows["plain"][5] == 0 and rows["plain"][8] == 1  # the baseline against itself
+    assert rows["augment"][1] == "data.augment.multiplier=1"
+
+
+def test_few_shot_smoke_trains_and_scores_each_k(bench_cache, tmp_path):
+    payload = _smoke("few_shot", tmp_path)
+    assert not payload["failures"], payload["failures"]
+    assert [row[0] for row in payload["tables"][0]["rows"]] == ["k2", "k4"]
 
 
 def test_dft_bench_runs_the_checkout_runner_and_passes_its_exit_code(capfd):

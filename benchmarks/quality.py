@@ -1,0 +1,151 @@
+"""Fine-tuning techniques against the plain run of the same job: test metric, its spread, and time.
+
+Every variant is the experiment's job plus the variant's own overrides (``train.layer_lr_decay``,
+``data.augment.multiplier``, ``data.shots_per_label``, ...), trained in this process by the library's own
+loop once per seed and scored on the test split. ``hf`` is Hugging Face ``Trainer`` on the same prepared
+data and settings (``benchmarks/loops.py``'s set-up: no evaluation during training). Variants run in
+ABBA order over the seeds, so slow drift of a shared machine falls on every variant alike; the table gives
+each variant's mean, min and max over seeds, its difference to ``baseline`` and the time ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import StepRecorder, interleaved, job_config, median, overrides_list
+
+HF = "hf"
+
+
+def _variant_overrides(spec: dict[str, Any], variant: str, seed: int) -> list[str]:
+    overrides = spec["params"]["variants"][variant] or {}
+    return [*overrides_list({"overrides": overrides}), f"train.seed={seed}"]
+
+
+def run_variant(spec: dict[str, Any], variant: str, seed: int, workdir: Path) -> dict[str, Any]:
+    """One training run of ``variant`` with ``seed``; its test metrics and times."""
+    from distributed_ft.runtime.context import LocalContext
+    from distributed_ft.train.loop import train
+
+    run_dir = workdir / f"{variant}-seed{seed}"
+    extra = [*_variant_overrides(spec, variant, seed), f"run.output_dir={run_dir}", "run.resume=never"]
+    config = job_config(spec["job"], *extra)
+    started = time.perf_counter()
+    results = train(config, LocalContext(), f"quality-{variant}")
+    wall = time.perf_counter() - started
+    return {"test": results["test"], "train_seconds": results["train_seconds"], "wall_seconds": wall}
+
+
+def run_hf_variant(spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
+    """Hugging Face ``Trainer`` on the job's prepared data with the job's settings and ``seed``."""
+    from benchmarks.loops import run_hf
+    from distributed_ft.runtime.context import LocalContext
+    from distributed_ft.train.job import data_splits, load_task
+
+    config = job_config(spec["job"], f"train.seed={seed}")
+    context = LocalContext()
+    tokenizer, task = load_task(config)
+    prepared = task.prepare_data(tokenizer, data_splits(config))
+    started = time.perf_counter()
+    scores = run_hf(config, context, prepared, StepRecorder(), task, tokenizer, workdir / f"hf-seed{seed}")
+    wall = time.perf_counter() - started
+    return {"test": scores, "train_seconds": None, "wall_seconds": wall}
+
+
+def run(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Every variant once per seed (ABBA over the seeds); the comparison table against ``baseline``."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    params = spec["params"]
+    variants = list(params["variants"])
+    seeds = [int(s) for s in params.get("seeds", [42])]
+    metric = params.get("metric", "f1")
+    records, failures = [], []
+    for index, variant in interleaved(variants, len(seeds)):
+        seed = seeds[index]
+        try:
+            if variant == HF:
+                outcome = run_hf_variant(spec, seed, workdir)
+            else:
+                outcome = run_variant(spec, variant, seed, workdir)
+        except Exception as exc:  # record and go on: the other variants still compare
+            failures.append({"variant": f"{variant} (seed {seed})", "reason": f"{type(exc).__name__}: {exc}"})
+            continue
+        records.append(
+            {
+                "variant": variant,
+                "seed": seed,
+                "repeat": index,
+                metric: outcome["test"].get(metric),
+                "train_seconds": outcome["train_seconds"],
+                "wall_seconds": outcome["wall_seconds"],
+            }
+        )
+    return summarize(records, variants, failures, params.get("baseline", variants[0]), metric, spec)
+
+
+def summarize(
+    records: list[dict[str, Any]],
+    variants: list[str],
+    failures: list[dict[str, str]],
+    baseline: str,
+    metric: str,
+    spec: dict[str, Any],
+) -> dict[str, Any]:
+    """Per-variant mean / min / max of the test metric over seeds, its difference to ``baseline``, times."""
+
+    def values(variant: str, key: str) -> list[float]:
+        return [r[key] for r in records if r["variant"] == variant and r.get(key) is not None]
+
+    base_metric, base_wall = values(baseline, metric), median(values(baseline, "wall_seconds"))
+    rows = []
+    for variant in variants:
+        scores, walls = values(variant, metric), values(variant, "wall_seconds")
+        if not scores:
+            continue
+        mean, train_s = statistics.fmean(scores), median(values(variant, "train_seconds"))
+        overrides = spec["params"]["variants"][variant] or {}
+        rows.append(
+            [
+                variant,
+                ", ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items()) or "-",
+                len(scores),
+                round(mean, 4),
+                f"{min(scores):.4f}-{max(scores):.4f}",
+                round(mean - statistics.fmean(base_metric), 4) if base_metric else None,
+                None if train_s is None else round(train_s, 1),
+                round(median(walls), 1),
+                round(median(walls) / base_wall, 2) if base_wall else None,
+            ]
+        )
+    return {
+        "records": records,
+        "failures": failures,
+        "tables": [
+            {
+                "title": f"Test {metric} per variant (seeds {sorted({r['seed'] for r in records})})",
+                "columns": [
+                    "variant",
+                    "overrides",
+                    "runs",
+                    f"test {metric} mean",
+                    "min-max",
+                    f"vs {baseline}",
+                    "train s",
+                    "wall s",
+                    f"wall / {baseline}",
+                ],
+                "rows": rows,
+                "caption": (
+                    "train s: the loop's training time (evaluations excluded); wall s: the whole run "
+                    "(preparation from the cache, evaluation, test, export), medians over seeds. hf: "
+                    "transformers.Trainer, no evaluation during training, scored by the same evaluation."
+                ),
+            }
+        ],
+    }
