@@ -260,12 +260,13 @@ class TimedEngine:
         self._training = mode
         self._inner.train(mode)
 
-    def forward(self, batch: dict[str, Any], sync_grads: bool = True) -> Any:
+    def forward(self, batch: dict[str, Any], sync_grads: bool = True, bare: bool = False) -> Any:
         if not self._training:
-            return self._inner.forward(batch, sync_grads=sync_grads)
-        self._recorder.batch(batch)
+            return self._inner.forward(batch, sync_grads=sync_grads, bare=bare)
+        if not bare:  # a bare forward (adversarial training) re-reads a batch the step already counted
+            self._recorder.batch(batch)
         started = time.perf_counter()
-        outputs = self._inner.forward(batch, sync_grads=sync_grads)
+        outputs = self._inner.forward(batch, sync_grads=sync_grads, bare=bare)
         self._recorder.compute(time.perf_counter() - started)
         return outputs
 

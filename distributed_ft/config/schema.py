@@ -289,6 +289,47 @@ class TrainConfig(_Section):
     """Autocast compute dtype; master weights stay in ``model.dtype``."""
     fused_optimizer: bool = True
     """Use torch's fused AdamW kernel where available (much faster on CPU)."""
+    adversarial: Literal["none", "fgm", "pgd"] = "none"
+    """Adversarial training on the input embeddings (``train/adversarial.py``): ``fgm`` adds one
+    perturbation of norm ``adversarial_epsilon`` along the clean loss's gradient; ``pgd`` takes
+    ``adversarial_steps`` ascent steps of size ``adversarial_alpha`` inside that ball. Each micro-batch
+    then trains on the mean of the clean and the adversarial loss (cost: 1 + steps forwards)."""
+    adversarial_epsilon: float = Field(1.0, ge=0)
+    """Radius of the perturbation, an L2 norm per example (over all its tokens and hidden units)."""
+    adversarial_alpha: float | None = Field(None, gt=0)
+    """pgd: size of each ascent step (default ``adversarial_epsilon / adversarial_steps``)."""
+    adversarial_steps: int = Field(3, ge=1)
+    """pgd: ascent steps (each one more forward and input-gradient backward per micro-batch)."""
+    adversarial_target: Literal["word", "all"] = "word"
+    """Which embeddings are perturbed: ``word`` the token embeddings (``get_input_embeddings()``);
+    ``all`` the output of the model's embeddings block (BERT-style: word + position + token type,
+    normalised), for models that have one."""
+
+    @model_validator(mode="after")
+    def _check_adversarial(self) -> TrainConfig:
+        """Settings of a method that is not on are errors; defaults are not (a resolved config.yaml)."""
+        fields = type(self).model_fields
+        given = {k for k in self.model_fields_set if getattr(self, k) != fields[k].default}
+        pgd_only = sorted(k for k in ("adversarial_alpha", "adversarial_steps") if k in given)
+        if pgd_only and self.adversarial != "pgd":
+            raise ValueError(
+                f"train.{pgd_only[0]} is a PGD setting but train.adversarial={self.adversarial}: "
+                "drop it, or set train.adversarial=pgd"
+            )
+        options = sorted(k for k in ("adversarial_epsilon", "adversarial_target") if k in given)
+        if options and self.adversarial == "none":
+            raise ValueError(
+                f"train.{options[0]} is set but train.adversarial=none: drop it, or set "
+                "train.adversarial=fgm (or pgd)"
+            )
+        return self
+
+    @property
+    def adversarial_step_size(self) -> float:
+        """The ascent step of PGD (FGM: one step of the whole radius)."""
+        if self.adversarial != "pgd":
+            return self.adversarial_epsilon
+        return self.adversarial_alpha or self.adversarial_epsilon / self.adversarial_steps
 
 
 class EvalConfig(_Section):
@@ -497,6 +538,15 @@ class JobConfig(_Section):
             raise ValueError("deepspeed.offload_param needs deepspeed.zero_stage=3")
         if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
             raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+        zero3 = self.run.engine == "deepspeed" and self.deepspeed.zero_stage == 3
+        if self.train.adversarial != "none" and zero3:
+            raise ValueError(
+                f"train.adversarial={self.train.adversarial} with deepspeed.zero_stage=3: the perturbation "
+                "takes the loss's gradient on the embeddings in a backward of its own, outside "
+                "DeepSpeed's, and ZeRO-3 gathers and releases its partitioned parameters in backward "
+                "hooks that do not expect one; set deepspeed.zero_stage to 2 or lower (or "
+                "run.engine=torch), or train.adversarial=none"
+            )
         low, high = self.run.worker_range
         lanes = high * self.train.grad_accum
         uneven = [n for n in range(low, high + 1) if lanes % n]

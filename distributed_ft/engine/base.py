@@ -32,8 +32,13 @@ class Engine(Protocol):
         """Take ownership of ``model``: move, wrap, build optimizer and schedule."""
         ...
 
-    def forward(self, batch: dict[str, torch.Tensor], sync_grads: bool = True) -> Any:
-        """Run the model on ``batch`` (moved to the device, under autocast when configured)."""
+    def forward(self, batch: dict[str, torch.Tensor], sync_grads: bool = True, bare: bool = False) -> Any:
+        """Run the model on ``batch`` (moved to the device, under autocast when configured).
+
+        ``bare``: the unwrapped model (no DDP / DeepSpeed forward hooks), for a loss that is only
+        differentiated with ``torch.autograd.grad`` or joins the backward of a later wrapped forward
+        (adversarial training, ``train/adversarial.py``): no reduction or micro-step accounting sees it.
+        """
         ...
 
     def backward(self, loss: torch.Tensor) -> None: ...

@@ -312,8 +312,10 @@ class DeepSpeedEngine:
         )
         self._model = self._ds.module
 
-    def forward(self, batch: dict[str, torch.Tensor], sync_grads: bool = True) -> Any:
+    def forward(self, batch: dict[str, torch.Tensor], sync_grads: bool = True, bare: bool = False) -> Any:
         batch = {k: v.to(self.context.device, non_blocking=True) for k, v in batch.items()}
+        if bare:  # no output backward hooks: a partial backward must not enter DeepSpeed's accounting
+            return self._model(**batch)
         if self._ds.training:
             self._ds.set_gradient_accumulation_boundary(sync_grads)
         return self._ds(**batch)

@@ -64,12 +64,13 @@ class TorchEngine:
             return contextlib.nullcontext()
         return torch.autocast(self.context.device.type, dtype=self._autocast_dtype)
 
-    def forward(self, batch: dict[str, torch.Tensor], sync_grads: bool = True) -> Any:
+    def forward(self, batch: dict[str, torch.Tensor], sync_grads: bool = True, bare: bool = False) -> Any:
         batch = {k: v.to(self.context.device, non_blocking=True) for k, v in batch.items()}
-        if isinstance(self._wrapped, DistributedDataParallel):
-            self._wrapped.require_backward_grad_sync = sync_grads
+        model = self.module if bare else self._wrapped
+        if isinstance(model, DistributedDataParallel):
+            model.require_backward_grad_sync = sync_grads
         with self.autocast():
-            return self._wrapped(**batch)
+            return model(**batch)
 
     def backward(self, loss: torch.Tensor) -> None:
         (self._scaler.scale(loss) if self._scaler else loss).backward()

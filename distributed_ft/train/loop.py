@@ -31,6 +31,7 @@ from distributed_ft.runtime.context import RuntimeContext, describe_device
 from distributed_ft.runtime.tracking import MetricsLogger, Progress, ends_trackers
 from distributed_ft.runtime.watchdog import Watchdog
 from distributed_ft.tasks.base import Task
+from distributed_ft.train.adversarial import Adversary
 from distributed_ft.train.checkpoint import CheckpointManager, RunState, agree_on_resume
 from distributed_ft.train.evaluate import evaluate
 from distributed_ft.train.job import Job, build_job, build_model
@@ -124,6 +125,9 @@ def train(
     meter = flops_meter(config, num_labels, parameters["trainable"], context.device, context.world_size)
     log.info(format_parameter_report(parameters))
     engine.prepare(model, total_steps)
+    adversary = Adversary.from_config(train_cfg, engine.module)  # None unless train.adversarial is set
+    if adversary is not None:
+        log.info(adversary.describe())
     state = RunState()
     if resume_from is not None:
         state = checkpoints.load(engine, resume_from)
@@ -184,7 +188,7 @@ def train(
         try:
             for micro_batches in windows(batches, train_cfg.grad_accum):
                 seeds = micro_batch_seeds(train_cfg.seed, state.step + 1, source.own_lanes)
-                step = train_step(engine, task, micro_batches, context, seeds)
+                step = train_step(engine, task, micro_batches, context, seeds, adversary)
                 tally.add(step)
                 state.step += 1
                 watchdog.beat(state.step)

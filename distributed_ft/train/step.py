@@ -26,6 +26,7 @@ from distributed_ft.data.sources import Batch
 from distributed_ft.engine.base import Engine
 from distributed_ft.runtime.context import RuntimeContext
 from distributed_ft.tasks.base import Task
+from distributed_ft.train.adversarial import Adversary
 
 LABELS = "labels"
 
@@ -80,10 +81,14 @@ def train_step(
     window: list[Batch],
     context: RuntimeContext,
     seeds: Sequence[int] | None = None,
+    adversary: Adversary | None = None,
 ) -> StepOutput:
     """Forward and backward over every micro-batch of ``window``, then one optimizer step.
 
     ``seeds``: the torch seed set before each micro-batch's forward (:func:`micro_batch_seeds`).
+    ``adversary``: adversarial training (``train.adversarial``): each micro-batch backpropagates the
+    mean of its clean and adversarial loss (still one ``engine.backward``); the tallied loss is the clean
+    one.
     """
     window = [to_device(batch, context.device) for batch in window]
     weights = torch.stack([task.loss_weight(batch).to(torch.float64) for batch in window]).sum()
@@ -92,11 +97,21 @@ def train_step(
     loss_sum = torch.zeros((), dtype=torch.float64, device=context.device)
     tokens = torch.zeros((), dtype=torch.float64, device=context.device)
     for index, batch in enumerate(window):
-        if seeds is not None:
-            torch.manual_seed(seeds[index])  # host-side: no device sync (CUDA generators are seeded lazily)
-        outputs = engine.forward(model_inputs(batch), sync_grads=index == len(window) - 1)
-        summed = task.loss_sum(outputs, batch)
-        engine.backward(summed * scale.to(summed.dtype))
+        seed, sync = None if seeds is None else seeds[index], index == len(window) - 1
+
+        def forward(
+            bare: bool = False, batch: Batch = batch, seed: int | None = seed, sync: bool = sync
+        ) -> torch.Tensor:
+            if seed is not None:  # host-side: no device sync (CUDA generators are seeded lazily)
+                torch.manual_seed(seed)
+            inputs = model_inputs(batch)  # the plain call unless asked: engines may predate ``bare``
+            outputs = (
+                engine.forward(inputs, sync, bare=True) if bare else engine.forward(inputs, sync_grads=sync)
+            )
+            return task.loss_sum(outputs, batch)
+
+        summed, objective = adversary.losses(forward) if adversary is not None else (forward(),) * 2
+        engine.backward(objective * scale.to(objective.dtype))
         loss_sum += summed.detach().to(torch.float64)
         tokens += batch["attention_mask"].sum()
     grad_norm = engine.step()

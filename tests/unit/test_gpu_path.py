@@ -159,8 +159,11 @@ def _count_host_syncs(monkeypatch) -> dict[str, int]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "technique", [[], ["train.adversarial=pgd", "train.adversarial_steps=2"]], ids=["plain", "adversarial"]
+)
 def test_the_loop_reads_device_values_once_per_log_window_not_per_micro_batch(
-    tiny_bert, tiny_conll, tmp_path, monkeypatch
+    tiny_bert, tiny_conll, tmp_path, monkeypatch, technique
 ):
     from distributed_ft.config import load_config
     from distributed_ft.train.loop import train
@@ -179,6 +182,7 @@ def test_the_loop_reads_device_values_once_per_log_window_not_per_micro_batch(
             "train.grad_accum=2",
             f"train.max_steps={steps}",
             f"train.log_every={steps}",
+            *technique,
         ]
         config, _ = load_config("ner-conll2003", overrides)
         with monkeypatch.context() as patch:

@@ -1,6 +1,7 @@
 """Gradients of one accumulation window on 2 DDP ranks (tests only).
 
-Usage: ``torchrun --nproc_per_node 2 grad_equivalence.py MODEL_DIR OUT_DIR``. Both ranks build the same
+Usage: ``torchrun --nproc_per_node 2 grad_equivalence.py MODEL_DIR OUT_DIR [ADVERSARIAL]``
+(``ADVERSARIAL``: a ``train.adversarial`` method, default ``none``). Both ranks build the same
 tiny token-classification model, take their half of :func:`examples` as micro-batches of 4 (rank 0's
 examples carry more targets than rank 1's) and run one ``train_step`` through the real TorchEngine (DDP
 over gloo). The optimizer step is replaced by a capture of the averaged gradients, which rank 0 writes to
@@ -19,6 +20,7 @@ from distributed_ft.engine.torch_engine import TorchEngine
 from distributed_ft.modeling.build import build_model
 from distributed_ft.runtime.context import create_context
 from distributed_ft.tasks.token_classification import TokenClassificationTask
+from distributed_ft.train.adversarial import Adversary
 from distributed_ft.train.step import train_step
 
 LABELS = ["O", "B-X", "I-X"]
@@ -52,9 +54,12 @@ def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return batch
 
 
-def window_gradients(model_dir: str, context, micro_batches: list[list[dict]]) -> dict[str, torch.Tensor]:
+def window_gradients(
+    model_dir: str, context, micro_batches: list[list[dict]], adversarial: str = "none"
+) -> dict[str, torch.Tensor]:
     """One ``train_step`` of the TorchEngine over ``micro_batches``; returns the (averaged) gradients."""
-    config = validate({"model": {"name": model_dir}, "train": {"max_grad_norm": None}})
+    train = {"max_grad_norm": None, "adversarial": adversarial}
+    config = validate({"model": {"name": model_dir}, "train": train})
     torch.manual_seed(0)  # the same classifier initialisation on every rank and in the reference
     model = build_model("token_classification", config.model, LABELS)
     engine = TorchEngine(config, context)
@@ -66,17 +71,20 @@ def window_gradients(model_dir: str, context, micro_batches: list[list[dict]]) -
         captured.update({n: p.grad.detach().clone() for n, p in engine.module.named_parameters()})
 
     engine.step = capture
-    train_step(engine, TokenClassificationTask(config), [collate(rows) for rows in micro_batches], context)
+    adversary = Adversary.from_config(config.train, engine.module)
+    batches = [collate(rows) for rows in micro_batches]
+    train_step(engine, TokenClassificationTask(config), batches, context, adversary=adversary)
     return captured
 
 
-def main(model_dir: str, out: Path) -> int:
+def main(model_dir: str, out: Path, adversarial: str = "none") -> int:
     context = create_context()
     vocab = 40
     rows = examples(vocab)
     half = len(rows) // context.world_size
     mine = rows[context.rank * half : (context.rank + 1) * half]
-    grads = window_gradients(model_dir, context, [mine[i : i + 4] for i in range(0, len(mine), 4)])
+    micro_batches = [mine[i : i + 4] for i in range(0, len(mine), 4)]
+    grads = window_gradients(model_dir, context, micro_batches, adversarial)
     if context.is_main:
         out.mkdir(parents=True, exist_ok=True)
         torch.save(grads, out / "grads.pt")
@@ -84,4 +92,4 @@ def main(model_dir: str, out: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], Path(sys.argv[2])))
+    sys.exit(main(sys.argv[1], Path(sys.argv[2]), *sys.argv[3:]))
