@@ -45,6 +45,13 @@ class ModelConfig(_Section):
     """Classification tasks: ``auto`` replaces a pretrained head that does not fit this job's labels (one
     log line); ``false`` makes such a head an error; ``true`` always starts the head afresh. causal_lm
     has no classification head (its LM head is tied to the vocabulary): only ``auto``/``false`` there."""
+    crf: bool = False
+    """token_classification: a linear-chain CRF over the classifier's emissions, trained by its negative
+    log-likelihood over each sentence's words and decoded by Viterbi in evaluation and ``dft predict``
+    (the export carries it; plain transformers loads the export without it and takes the argmax)."""
+    crf_constraints: Literal["none", "iob2"] = "iob2"
+    """With ``crf``: ``iob2`` forbids ``I-X`` at a sentence's start and after anything but ``B-X``/``I-X``
+    (the data's tags are IOB2 after reading); ``none`` lets the CRF learn every transition."""
 
 
 class DataConfig(_Section):
@@ -507,7 +514,27 @@ class JobConfig(_Section):
                 "model.reset_head=true: causal_lm has no classification head (the LM head is tied to the "
                 "vocabulary); use auto or false"
             )
+        self._check_crf()
         return self
+
+    def _check_crf(self) -> None:
+        """``model.crf`` tags words: token classification only, on each word's first sub-token."""
+        if not self.model.crf:
+            if self.model.crf_constraints != ModelConfig.model_fields["crf_constraints"].default:
+                raise ValueError(
+                    f"model.crf_constraints={self.model.crf_constraints} is for the CRF: set model.crf=true"
+                )
+            return
+        if self.task != "token_classification":
+            raise ValueError(
+                f"model.crf=true tags the words of a sentence (task=token_classification); task={self.task} "
+                "has no CRF: drop model.crf"
+            )
+        if self.data.label_all_subtokens:
+            raise ValueError(
+                "model.crf=true runs the CRF over each word's first sub-token: set "
+                "data.label_all_subtokens=false"
+            )
 
     def _select_engine(self) -> None:
         """A given ``deepspeed.*`` key selects ``run.engine=deepspeed``; beside an explicit torch: an error.

@@ -32,6 +32,7 @@ from distributed_ft.data.prepare import (
 )
 from distributed_ft.data.sources import Batch, pad_sequences
 from distributed_ft.errors import DataError
+from distributed_ft.modeling import crf
 from distributed_ft.modeling.build import build_model
 from distributed_ft.tasks.base import cached, input_key
 from distributed_ft.tasks.losses import token_count, token_cross_entropy_sum
@@ -235,19 +236,42 @@ class TokenClassificationTask:
         del meta
 
     def build_model(self, labels: list[str] | None) -> nn.Module:
-        return build_model(self.name, self.config.model, labels)
+        """The token classifier; with ``model.crf`` a CRF over its emissions (``modeling/crf.py``)."""
+        model = build_model(self.name, self.config.model, labels)
+        if crf.spec(model) is not None:  # a CRF export as model.name: its CRF is not built, nor recorded
+            delattr(model.config, crf.CONFIG_KEY)
+        if self.config.model.crf:  # a fresh CRF, also over a CRF export (its labels may differ)
+            crf.attach(model, self.config.model.crf_constraints)
+        return model
 
     def loss_weight(self, batch: Batch) -> torch.Tensor:
         """Labelled sub-tokens of the batch (the loss is a mean over them)."""
         return token_count(batch["labels"])
 
     def loss_sum(self, outputs: Any, batch: Batch) -> torch.Tensor:
-        """Summed cross-entropy over labelled sub-tokens."""
-        return token_cross_entropy_sum(outputs.logits, batch["labels"])
+        """Summed cross-entropy over labelled sub-tokens, or the CRF's summed negative log-likelihood.
+
+        The CRF runs over each example's labelled positions (its words' first sub-tokens), moved to the
+        left; divided by :meth:`loss_weight` it is the negative log-likelihood per word.
+        """
+        scores = outputs.get(crf.MODULE)
+        if scores is None:
+            return token_cross_entropy_sum(outputs.logits, batch["labels"])
+        labels = batch["labels"].to(outputs.logits.device)
+        mask = labels != IGNORE
+        emissions, words = crf.compact(outputs.logits, mask)
+        tags, _ = crf.compact(labels, mask)
+        return crf.nll(emissions, tags, words, scores)
 
     # ----------------------------------------------------------------- evaluation
     def predictions(self, outputs: Any, batch: Batch) -> list[tuple[int, np.ndarray]]:
-        """Per example: the label id predicted at each word's first sub-token (``-1``: word cut off)."""
+        """Per example: the label id predicted at each word's first sub-token (``-1``: word cut off).
+
+        The argmax of the emissions, or with a CRF (``outputs["crf"]``) the Viterbi path over the words.
+        """
+        scores = outputs.get(crf.MODULE)
+        if scores is not None:
+            return viterbi_words(outputs.logits, batch["meta"], scores)
         predicted = outputs.logits.argmax(-1).cpu().numpy()
         out = []
         for row, (example_id, starts) in enumerate(batch["meta"]):
@@ -276,6 +300,27 @@ class TokenClassificationTask:
 
     def write_predictions(self, inputs, predictions, labels, output, fmt) -> None:
         write_predictions(inputs, predictions, labels, output, fmt)
+
+
+def viterbi_words(
+    emissions: torch.Tensor, meta: list[tuple[int, list[int]]], scores: tuple
+) -> list[tuple[int, np.ndarray]]:
+    """Viterbi label ids of each example's words (``-1``: word cut off), one device-to-host copy."""
+    starts = [np.asarray(row_starts, dtype=np.int64) for _, row_starts in meta]
+    kept = [row[row >= 0] for row in starts]
+    index = np.zeros((len(kept), max([len(row) for row in kept] + [1])), dtype=np.int64)
+    for row, positions in enumerate(kept):
+        index[row, : len(positions)] = positions
+    mask = torch.from_numpy(np.arange(index.shape[1])[None, :] < np.array([[len(r)] for r in kept]))
+    index_t = torch.from_numpy(index).to(emissions.device)
+    words = emissions.gather(1, index_t[:, :, None].expand(-1, -1, emissions.shape[-1]))
+    paths = crf.viterbi(words, mask.to(emissions.device), scores).cpu().numpy()
+    out = []
+    for row, (example_id, _) in enumerate(meta):
+        predicted = np.full(len(starts[row]), -1, dtype=np.int64)
+        predicted[starts[row] >= 0] = paths[row, : len(kept[row])]
+        out.append((example_id, predicted))
+    return out
 
 
 def word_tags(predicted: np.ndarray, labels: list[str]) -> list[str]:

@@ -23,6 +23,7 @@ from distributed_ft.config.schema import JobConfig
 from distributed_ft.data.prepare import PreparedDataset
 from distributed_ft.engine.base import Engine
 from distributed_ft.errors import ConfigError, DftError
+from distributed_ft.modeling import crf
 from distributed_ft.modeling.build import load_tokenizer, model_hidden_size
 from distributed_ft.modeling.peft import apply_peft
 from distributed_ft.runtime.context import RuntimeContext
@@ -51,7 +52,7 @@ def load_task(config: JobConfig, tokenizer_source: str | None = None) -> tuple[A
 def build_model(config: JobConfig, task: Task, labels: list[str] | None, engine: Engine) -> nn.Module:
     """The task's model, PEFT applied, built inside ``engine.model_construction`` (ZeRO-3: partitioned)."""
     with engine.model_construction(model_hidden_size(config.model)):
-        return apply_peft(task.build_model(labels), config)
+        return crf.install(apply_peft(task.build_model(labels), config))
 
 
 @dataclass
