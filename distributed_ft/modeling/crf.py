@@ -18,6 +18,7 @@ unknown attribute and ignores (with the ``crf.*`` weights reported unused): it t
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,11 @@ MODULE = "crf"
 """The CRF's attribute name on the transformers model (its state-dict prefix)."""
 FORBIDDEN = -1.0e4
 """Score added to a forbidden transition: finite, so a (never expected) forbidden gold path stays finite."""
+
+
+def scores_of(outputs: Any) -> Any:
+    """The CRF's scores the hook added to a model's outputs, or ``None`` (no CRF, or other outputs)."""
+    return outputs.get(MODULE) if isinstance(outputs, Mapping) else None
 
 
 def iob2_allowed(labels: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -254,7 +254,7 @@ class TokenClassificationTask:
         The CRF runs over each example's labelled positions (its words' first sub-tokens), moved to the
         left; divided by :meth:`loss_weight` it is the negative log-likelihood per word.
         """
-        scores = outputs.get(crf.MODULE)
+        scores = crf.scores_of(outputs)
         if scores is None:
             return token_cross_entropy_sum(outputs.logits, batch["labels"])
         labels = batch["labels"].to(outputs.logits.device)
@@ -269,7 +269,7 @@ class TokenClassificationTask:
 
         The argmax of the emissions, or with a CRF (``outputs["crf"]``) the Viterbi path over the words.
         """
-        scores = outputs.get(crf.MODULE)
+        scores = crf.scores_of(outputs)
         if scores is not None:
             return viterbi_words(outputs.logits, batch["meta"], scores)
         predicted = outputs.logits.argmax(-1).cpu().numpy()
