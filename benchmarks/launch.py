@@ -22,6 +22,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from benchmarks.common import (
     step_summary,
     subprocess_env,
 )
+from benchmarks.cpu_share import CpuSampler, cpu_between
 
 
 def command(variant: dict[str, Any], job: dict[str, Any], run_dir: Path) -> list[str]:
@@ -109,25 +111,40 @@ def launch(name: str, variant: dict[str, Any], job: dict[str, Any], run_dir: Pat
     env = subprocess_env(threads=int(variant.get("threads", 1)), extra=extra)
     env.pop("RAY_ADDRESS", None)  # a fresh local Ray per run, never someone else's cluster
     cmd = command(variant, job, run_dir)
+    sampler = CpuSampler().start()
     launched = time.time()
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-        code, output = done.returncode, (done.stdout[-2000:] + "\n" + done.stderr[-4000:])
-    except subprocess.TimeoutExpired as exc:
-        code, output = None, f"timed out after {timeout:.0f} s: {str(exc.stderr or '')[-3000:]}"
+        stdout, stderr = process.communicate(timeout=timeout)
+        code, output = process.returncode, (stdout[-2000:] + "\n" + stderr[-4000:])
+    except subprocess.TimeoutExpired:
+        process.kill()
+        _, stderr = process.communicate()
+        code, output = None, f"timed out after {timeout:.0f} s: {stderr[-3000:]}"
+    exited = time.time()
     return {
         "variant": name,
         "command": " ".join(cmd),
         "launched": launched,
-        "exited": time.time(),
+        "exited": exited,
         "returncode": code,
         "output_tail": output,
         "steps": step_times(run_dir),
+        "cpu_samples": sampler.stop(),
     }
 
 
-def measure(raw: dict[str, Any], tokens: dict[str, list[int]], warmup: int, workers: int) -> dict[str, Any]:
-    """Steady-state, start-up and tail numbers of one launch."""
+def is_training_process(launcher: str) -> Callable[[str], bool]:
+    """Whether a process (by its command line) is one of the job's training ranks under ``launcher``."""
+    if launcher == "ray":
+        return lambda name: name.startswith("ray::RayTrainWorker")
+    return lambda name: "-m distributed_ft" in name and "torchrun" not in name
+
+
+def measure(
+    raw: dict[str, Any], tokens: dict[str, list[int]], warmup: int, workers: int, launcher: str = "torchrun"
+) -> dict[str, Any]:
+    """Steady-state, start-up and tail numbers of one launch, and who used the CPUs in the steady state."""
     stamps = [t for _, t in raw["steps"]]
     durations = [b - a for a, b in itertools.pairwise(stamps)]
     n = len(durations)
@@ -148,6 +165,12 @@ def measure(raw: dict[str, Any], tokens: dict[str, list[int]], warmup: int, work
         "tail_s": raw["exited"] - stamps[-1] if stamps else None,
         "wall_s": raw["exited"] - raw["launched"],
         "step_s_p99": percentile(durations[warmup:], 0.99),
+        "cpu": cpu_between(
+            raw.pop("cpu_samples", []),
+            stamps[min(warmup, len(stamps) - 1)] if stamps else 0.0,
+            stamps[-1] if stamps else 0.0,
+            is_training_process(launcher),
+        ),
     }
 
 
@@ -178,7 +201,7 @@ def run(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
             continue
         workers = int(variant.get("workers", 1))
         tokens = replay_tokens(config, task, prepared.splits["train"], workers, len(raw["steps"]))
-        result = measure(raw, tokens, warmup, workers)
+        result = measure(raw, tokens, warmup, workers, variant.get("launcher", "torchrun"))
         flops = model_flops_per_token(
             config.model.name,
             config.task,
@@ -239,6 +262,17 @@ def floor_table(floors: list[dict[str, Any]], records: list[dict[str, Any]]) -> 
     }
 
 
+def _largest_others(runs: list[dict[str, Any]], top: int = 3) -> str:
+    """The other processes that used the most CPU in the steady state, summed over runs."""
+    totals: dict[str, float] = {}
+    for run in runs:
+        for name, cores in (run.get("cpu") or {}).get("others", []):
+            key = name.split(" ")[0].rsplit("/", 1)[-1]
+            totals[key] = totals.get(key, 0.0) + cores / len(runs)
+    ranked = sorted(totals.items(), key=lambda item: -item[1])[:top]
+    return ", ".join(f"{name} {cores:.3f}" for name, cores in ranked) or "-"
+
+
 def _reason(raw: dict[str, Any]) -> str:
     if raw["returncode"] is None:
         return raw["output_tail"][-800:]
@@ -288,7 +322,7 @@ def summarize(
     for name in names:
         runs = [r for r in records if r["variant"] == name]
         if not runs:
-            rows.append([name, 0, *([None] * 11)])
+            rows.append([name, 0, *([None] * 14)])
             continue
 
         def med(key: str, runs: list[dict[str, Any]] = runs) -> float | None:
@@ -310,6 +344,9 @@ def summarize(
                 med("startup_s"),
                 med("tail_s"),
                 med("wall_s"),
+                median((r.get("cpu") or {}).get("training_cores") for r in runs),
+                median((r.get("cpu") or {}).get("other_cores") for r in runs),
+                _largest_others(runs),
             ]
         )
     columns = [
@@ -326,6 +363,9 @@ def summarize(
         "start-up s",
         "tail s",
         "wall s",
+        "ranks' cores",
+        "other cores",
+        "largest others (cores)",
     ]
     labels = [r[0] for r in rows]
     return {
@@ -337,7 +377,9 @@ def summarize(
                 "rows": rows,
                 "caption": "start-up = launch to the end of step 1 minus one p50 step; tail = last step to "
                 f"exit (test evaluation, export, shutdown). MFU: real tokens/s x model FLOPs per token / "
-                f"({peak['source']} x workers x threads).",
+                f"({peak['source']} x workers x threads). Cores: CPU time per second in the steady state "
+                "(after the warm-up steps) of the training ranks and of every other process on the machine "
+                "(an orchestrator's daemons and driver, a launcher's agent, anything else), from /proc.",
             }
         ],
         "plots": [
@@ -359,7 +401,9 @@ def summarize(
             },
         ],
         "records": records,
-        "launches": [{k: v for k, v in raw.items() if k != "output_tail"} for raw in raws],
+        "launches": [
+            {k: v for k, v in raw.items() if k not in ("output_tail", "cpu_samples")} for raw in raws
+        ],
         "failures": failures,
         "required_failed": False,
         "notes": [],

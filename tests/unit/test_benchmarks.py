@@ -8,7 +8,10 @@ a temporary ``XDG_CACHE_HOME`` shared by the module, so nothing is written to th
 from __future__ import annotations
 
 import json
+import resource
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -254,6 +257,38 @@ def test_orchestration_smoke(bench_cache, tmp_path):
     assert set(runs) == {"torchrun", "ray"}
     for run in runs.values():
         assert run["samples_per_s"] > 0 and run["time_to_first_step_s"] > 0 and run["real_tokens_per_s"] > 0
+        assert "cpu" in run  # None when the steady state is shorter than two samples
+
+
+def test_cpu_share_splits_a_busy_training_process_from_the_rest():
+    """A process spinning one core counts as about one core of training; nothing of it lands in 'other'."""
+    from benchmarks.cpu_share import CpuSampler, cpu_between
+
+    marker = "dft-cpu-share-test-spin"
+    sampler = CpuSampler(interval=0.1).start()
+    code = f"import time\n# {marker}\nend = time.time() + 1.5\nwhile time.time() < end: pass\ntime.sleep(1)"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    child = subprocess.Popen([sys.executable, "-c", code])
+    started = time.time()
+    child.wait(timeout=30)
+    samples = sampler.stop()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    child_cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    share = cpu_between(samples, started, started + 1.4, lambda name: marker in name)  # while it spins
+    assert share is not None and share["seconds"] > 1
+    # the child's CPU time in the window: most of what it used in all (however loaded the machine is)
+    assert 0.5 * child_cpu < share["training_cores"] * share["seconds"] <= child_cpu + 0.05
+    assert all(marker not in name for name, _ in share["others"])
+    assert cpu_between(samples, started, started + 0.01, lambda name: True) is None  # < 2 samples
+
+
+def test_training_processes_are_told_apart_by_launcher():
+    from benchmarks.launch import is_training_process
+
+    ray, torchrun = is_training_process("ray"), is_training_process("torchrun")
+    assert ray("ray::RayTrainWorker") and not ray("ray::TrainController.run")
+    assert torchrun("/venv/bin/python3 -u -m distributed_ft -q train ner")
+    assert not torchrun("/venv/bin/python3 /venv/bin/torchrun --standalone -m distributed_ft train")
 
 
 @pytest.mark.multiproc
