@@ -131,17 +131,17 @@ def share(total: int, rank: int, world_size: int) -> tuple[int, int]:
     return first, (rank + 1) * total // world_size - first
 
 
-def rank_pieces(
-    rows: Sequence[int], seed: int, epoch: int, rank: int, world_size: int, block_rows: int = BLOCK_ROWS
+def lane_pieces(
+    rows: Sequence[int], seed: int, epoch: int, lane: int, lanes: int, block_rows: int = BLOCK_ROWS
 ) -> list[Piece]:
-    """Rank ``rank``'s contiguous share of the epoch's shuffled block stream (steps 1-2 of the plan)."""
+    """Lane ``lane``'s contiguous share of the epoch's shuffled block stream (steps 1-2 of the plan)."""
     blocks = [
         Piece(shard, start, min(start + block_rows, count))
         for shard, count in enumerate(rows)
         for start in range(0, count, block_rows)
     ]
     shuffled = [blocks[i] for i in np.random.default_rng([seed, epoch]).permutation(len(blocks))]
-    first, size = share(sum(rows), rank, world_size)
+    first, size = share(sum(rows), lane, lanes)
     return take_rows(shuffled, first, first + size)
 
 
@@ -240,7 +240,7 @@ class ShardedBatchSource(PositionedSource):
 
     def _lane_windows(self, lane: int) -> list[list[Piece]]:
         """The lane's pieces of the current epoch, cut into windows of whole batches."""
-        pieces = rank_pieces(self.reader.rows, self.seed, self.epoch, lane, self.lanes)
+        pieces = lane_pieces(self.reader.rows, self.seed, self.epoch, lane, self.lanes)
         step, end = self.window_batches * self.batch_size, self.kept[lane]
         return [take_rows(pieces, start, min(start + step, end)) for start in range(0, end, step)]
 

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distributed_ft.data.shards import ParquetShards, ShardedBatchSource, TableShards, rank_pieces
+from distributed_ft.data.shards import ParquetShards, ShardedBatchSource, TableShards, lane_pieces
 
 
 def _table(first: int, rows: int, seed: int = 0) -> pa.Table:
@@ -42,14 +42,14 @@ def _epoch(source: ShardedBatchSource) -> list[list[int]]:
     return [batch["ids"] for batch in source]
 
 
-def test_rank_pieces_cover_the_stream_once_in_equal_shares():
+def test_lane_pieces_cover_the_stream_once_in_equal_shares():
     rows = [1000, 1000, 700, 512, 225]
-    shares = [rank_pieces(rows, seed=3, epoch=1, rank=r, world_size=3) for r in range(3)]
+    shares = [lane_pieces(rows, seed=3, epoch=1, lane=r, lanes=3) for r in range(3)]
     covered = [(p.shard, i) for pieces in shares for p in pieces for i in range(p.start, p.stop)]
     assert len(covered) == len(set(covered)) == sum(rows)
     sizes = [sum(p.rows for p in pieces) for pieces in shares]
     assert max(sizes) - min(sizes) <= 1
-    assert rank_pieces(rows, 3, 2, 0, 3) != shares[0]  # a new block order each epoch
+    assert lane_pieces(rows, 3, 2, 0, 3) != shares[0]  # a new block order each epoch
 
 
 def test_parquet_ranges_cross_row_groups(shard_files):
