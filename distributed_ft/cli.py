@@ -11,8 +11,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from distributed_ft.errors import DftError, Preempted
+
+if TYPE_CHECKING:
+    from distributed_ft.config.schema import JobConfig
 
 log = logging.getLogger("distributed_ft")
 
@@ -145,6 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="data utilities")
     data_commands = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
     _job_arguments(data_commands.add_parser("prepare", help="read, validate, tokenize and cache the data"))
+    gazetteer = data_commands.add_parser(
+        "gazetteer",
+        help="write a gazetteer (surface<TAB>TYPE) of the training split's entity mentions",
+        description="Collects the entity mentions of data.train only (as training sees it), each surface "
+        "with its most frequent type, for data.gazetteer=FILE: validation and test stay unseen.",
+    )
+    _job_arguments(gazetteer)
+    gazetteer.add_argument("--out", required=True, help="the gazetteer file to write")
+    gazetteer.add_argument(
+        "--min-count", type=int, default=1, help="leave out surfaces seen fewer times (default 1)"
+    )
 
     config = commands.add_parser("config", help="configuration utilities")
     config_commands = config.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
@@ -317,16 +332,35 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    """``dft data prepare``: read, validate, tokenize and cache the data of a job."""
+    """``dft data prepare``: read, validate, tokenize and cache the data of a job; ``dft data gazetteer``."""
     from distributed_ft.config import load_config
     from distributed_ft.train.job import data_splits, load_task, prepare_data_once
 
     config, _ = load_config(*_job_source(args))
     context, setup_logging = _context()
     setup_logging(context, args.verbose)
+    if args.data_command == "gazetteer":
+        return _write_gazetteer(config, args.out, args.min_count)
     tokenizer, task = load_task(config)
     prepared = prepare_data_once(task, tokenizer, data_splits(config), None, context)
     print(prepared.directory)
+    return 0
+
+
+def _write_gazetteer(config: JobConfig, out: str, min_count: int) -> int:
+    """``dft data gazetteer``: the training split's mentions written to ``out``, counts printed."""
+    from distributed_ft.data.gazetteer import write_gazetteer
+    from distributed_ft.errors import ConfigError
+    from distributed_ft.tasks import get_task
+
+    if config.task != "token_classification":
+        raise ConfigError(
+            "dft data gazetteer collects entity mentions: it needs task=token_classification, "
+            f"not {config.task}"
+        )
+    built = get_task(config).training_gazetteer(min_count)
+    write_gazetteer(built, out, str(config.data.train))
+    print(f"{out}: {built.describe()}")
     return 0
 
 

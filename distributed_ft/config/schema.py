@@ -178,6 +178,18 @@ class TokenClassificationData(LabelledData):
     """Label every sub-token of a word (continuations get the ``I-`` tag) instead of the first only."""
     augment: TokenAugmentConfig = TokenAugmentConfig()
     """Mention replacement and same-tag word substitution on the training split."""
+    gazetteer: str | None = None
+    """A gazetteer file (UTF-8 ``surface<TAB>TYPE`` lines; ``dft data gazetteer`` builds one from the
+    training split): its dictionary matches (longest first, on words) become per-token features added
+    to the word embeddings through a zero-initialised embedding (``distributed_ft/data/gazetteer.py``)."""
+    gazetteer_lowercase: bool = False
+    """Match the gazetteer case-insensitively (both sides lowercased)."""
+
+    @model_validator(mode="after")
+    def _check_gazetteer(self) -> TokenClassificationData:
+        if self.gazetteer_lowercase and not self.gazetteer:
+            raise ValueError("data.gazetteer_lowercase=true is for a gazetteer: set data.gazetteer=FILE")
+        return self
 
 
 class SequenceClassificationData(LabelledData):

@@ -20,7 +20,7 @@ from distributed_ft.config.model_source import missing_model_dir
 from distributed_ft.config.schema import ModelConfig
 from distributed_ft.data import builtin
 from distributed_ft.errors import ConfigError
-from distributed_ft.modeling import crf
+from distributed_ft.modeling import crf, gazetteer
 
 log = logging.getLogger("distributed_ft")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -213,7 +213,9 @@ def load_trained(task: str, directory: str) -> nn.Module:
     """A model exported by a run (its head and label maps come from its own config).
 
     An adapter export (``adapter_config.json``) is loaded onto the base model its config names. A CRF the
-    export records (``model.crf``) comes back with it, its scores in the outputs (``modeling/crf.py``).
+    export records (``model.crf``) comes back with it, its scores in the outputs (``modeling/crf.py``), and
+    so does a gazetteer embedding (``data.gazetteer``: ``modeling/gazetteer.py``), fed by the ``gazetteer``
+    kwarg.
     """
     from distributed_ft.modeling import peft
 
@@ -221,12 +223,13 @@ def load_trained(task: str, directory: str) -> nn.Module:
         model = peft.load_adapter(directory, lambda base, **kwargs: _load_pretrained(task, base, **kwargs))
     else:
         model = _load_pretrained(task, directory)
-    return crf.install(model)
+    return gazetteer.install(crf.install(model))
 
 
 def _load_pretrained(task: str, name: str, **kwargs) -> nn.Module:
     """``AUTO_CLASSES[task]`` of ``name``, with the CRF its config (or an adapter base's kwargs) records."""
     recorded = kwargs.pop(crf.CONFIG_KEY, None)
+    recorded_gazetteer = kwargs.pop(gazetteer.CONFIG_KEY, None)
     path = resolve_model_path(name)
     try:
         model = AUTO_CLASSES[task].from_pretrained(path, **kwargs)
@@ -234,4 +237,7 @@ def _load_pretrained(task: str, name: str, **kwargs) -> nn.Module:
         raise _load_error(name, exc) from exc
     if recorded:  # an adapter's base: the CRF's weights are in the adapter
         setattr(model.config, crf.CONFIG_KEY, recorded)
-    return crf.restore(model, path, weights_in_directory=recorded is None)
+    if recorded_gazetteer:
+        setattr(model.config, gazetteer.CONFIG_KEY, recorded_gazetteer)
+    model = crf.restore(model, path, weights_in_directory=recorded is None)
+    return gazetteer.restore(model, path, weights_in_directory=recorded_gazetteer is None)

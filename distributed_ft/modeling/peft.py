@@ -28,6 +28,7 @@ from torch import nn
 from distributed_ft.config.schema import JobConfig
 from distributed_ft.errors import CheckpointError, ConfigError
 from distributed_ft.modeling.crf import CONFIG_KEY as CRF_CONFIG_KEY
+from distributed_ft.modeling.gazetteer import CONFIG_KEY as GAZETTEER_CONFIG_KEY
 from distributed_ft.modeling.targets import IA3_TARGETS, LORA_TARGETS
 
 log = logging.getLogger("distributed_ft")
@@ -409,6 +410,8 @@ def write_export_extras(model: nn.Module, directory: str | Path) -> None:
         kwargs["pad_token_id"] = config.pad_token_id
     if getattr(config, CRF_CONFIG_KEY, None):  # the base gets the CRF the adapter trained (modules_to_save)
         kwargs[CRF_CONFIG_KEY] = getattr(config, CRF_CONFIG_KEY)
+    if getattr(config, GAZETTEER_CONFIG_KEY, None):  # likewise the gazetteer embedding
+        kwargs[GAZETTEER_CONFIG_KEY] = getattr(config, GAZETTEER_CONFIG_KEY)
     Path(directory, BASE_KWARGS_FILE).write_text(json.dumps(kwargs, indent=2) + "\n")
 
 

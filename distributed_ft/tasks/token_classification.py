@@ -23,6 +23,14 @@ from distributed_ft.data import readers
 from distributed_ft.data.augment import augment_sentences
 from distributed_ft.data.builtin import resolve
 from distributed_ft.data.few_shot import few_shot_sentences
+from distributed_ft.data.gazetteer import COLUMN as GAZETTEER
+from distributed_ft.data.gazetteer import (
+    BuiltGazetteer,
+    Gazetteer,
+    align_features,
+    collect_mentions,
+    load_gazetteer,
+)
 from distributed_ft.data.prepare import (
     Preparation,
     PreparedDataset,
@@ -33,6 +41,7 @@ from distributed_ft.data.prepare import (
 from distributed_ft.data.sources import Batch, pad_sequences
 from distributed_ft.errors import DataError
 from distributed_ft.modeling import crf
+from distributed_ft.modeling import gazetteer as gazetteer_model
 from distributed_ft.modeling.build import build_model
 from distributed_ft.tasks.base import cached, input_key
 from distributed_ft.tasks.losses import token_count, token_cross_entropy_sum
@@ -86,14 +95,19 @@ def encode_sentences(
     continuation: list[int] | None = None,
     *,
     first: int = 0,
+    gazetteer: Gazetteer | None = None,
 ) -> tuple[pa.Table, SplitStats]:
     """Tokenize the ``tokens`` of a reader table and align its ``tags`` (when ``label2id`` is given).
 
     ``first`` is the split index of the table's first row (rows of a chunk keep their split's example ids).
+    With a ``gazetteer`` each sub-token also gets its word's dictionary feature (column ``gazetteer``),
+    through the same ``word_ids()`` as the labels.
     """
     tokens = table.column("tokens").to_pylist()
     tags = table.column("tags").to_pylist() if label2id and "tags" in table.column_names else None
     columns: dict[str, list] = {"input_ids": [], "labels": [], "word_starts": [], "word_labels": []}
+    if gazetteer is not None:
+        columns[GAZETTEER] = []
     stats = SplitStats()
     for start in range(0, len(tokens), ENCODE_CHUNK):
         chunk = tokens[start : start + ENCODE_CHUNK]
@@ -101,7 +115,10 @@ def encode_sentences(
         for offset, words in enumerate(chunk):
             i = start + offset
             word_labels = [label2id[t] for t in tags[i]] if tags else [IGNORE] * len(words)
-            labels, starts = align_labels(encoding.word_ids(offset), word_labels, continuation)
+            word_ids = encoding.word_ids(offset)
+            labels, starts = align_labels(word_ids, word_labels, continuation)
+            if gazetteer is not None:
+                columns[GAZETTEER].append(align_features(word_ids, gazetteer.word_features(words)))
             columns["input_ids"].append(encoding["input_ids"][offset])
             columns["labels"].append(labels)
             columns["word_starts"].append(starts)
@@ -134,6 +151,12 @@ class TokenClassificationTask:
         self.config = config
         self.pad_token_id = 0
 
+    @functools.cached_property
+    def gazetteer(self) -> Gazetteer | None:
+        """The parsed ``data.gazetteer`` (``None`` without one)."""
+        data = self.config.data
+        return load_gazetteer(data.gazetteer, data.gazetteer_lowercase) if data.gazetteer else None
+
     # ----------------------------------------------------------------- data
     def read(self, path: str) -> pa.Table:
         """Read one split's file(s) into a ``tokens``/``tags``/``line`` table."""
@@ -164,6 +187,7 @@ class TokenClassificationTask:
             label_all_subtokens=data.label_all_subtokens,
             reader=[data.format, data.tokens_column, data.tags_column, data.conll_tag_column],
             scheme=data.tag_scheme,
+            **({"gazetteer": [self.gazetteer.digest, data.gazetteer_lowercase]} if self.gazetteer else {}),
         )
 
     def prepare_data(
@@ -203,6 +227,7 @@ class TokenClassificationTask:
             label2id={label: i for i, label in enumerate(labels)},
             max_length=data.max_length,
             continuation=continuation_labels(labels) if data.label_all_subtokens else None,
+            gazetteer=self.gazetteer,
         )
         plans = [SplitPlan(split, table, encode) for split, table in tables.items()]
         return Preparation(plans, labels, meta={"training_set": notes})
@@ -218,6 +243,19 @@ class TokenClassificationTask:
             notes.append(stats.describe("sentences"))
         return train, notes
 
+    def training_gazetteer(self, min_count: int = 1) -> BuiltGazetteer:
+        """Entity surfaces of the training split only, each with its most frequent type.
+
+        For ``dft data gazetteer``: the split as training sees it (``data.max_train_samples``, few-shot
+        selection and augmentation applied), so validation and test stay unseen.
+        """
+        if not self.config.data.train:
+            raise DataError("dft data gazetteer collects the mentions of data.train: set data.train=FILE")
+        train = limit_split(self.read(self.config.data.train), "train", self.config.data)
+        train, _ = self.training_set(train)
+        pairs = zip(train.column("tokens").to_pylist(), train.column("tags").to_pylist(), strict=True)
+        return collect_mentions(pairs, min_count)
+
     def collate(self, rows: list[dict[str, Any]], with_meta: bool = False) -> Batch:
         """Dynamic padding to the longest example of the batch."""
         input_ids = pad_sequences([r["input_ids"] for r in rows], self.pad_token_id)
@@ -226,6 +264,8 @@ class TokenClassificationTask:
             "attention_mask": pad_sequences([np.ones(len(r["input_ids"])) for r in rows], 0),
             "labels": pad_sequences([r["labels"] for r in rows], IGNORE),
         }
+        if GAZETTEER in rows[0]:  # feature ids, read by the model's gazetteer hook (0: no match, padding)
+            batch[gazetteer_model.KWARG] = pad_sequences([r[GAZETTEER] for r in rows], 0)
         if with_meta:
             batch["meta"] = [(int(r["example_id"]), r["word_starts"]) for r in rows]
         return batch
@@ -236,12 +276,20 @@ class TokenClassificationTask:
         del meta
 
     def build_model(self, labels: list[str] | None) -> nn.Module:
-        """The token classifier; with ``model.crf`` a CRF over its emissions (``modeling/crf.py``)."""
+        """The token classifier, with the CRF and gazetteer embedding the job asks for.
+
+        ``model.crf``: a CRF over its emissions (``modeling/crf.py``); ``data.gazetteer``: a zero
+        gazetteer embedding added to the word embeddings (``modeling/gazetteer.py``).
+        """
         model = build_model(self.name, self.config.model, labels)
-        if crf.spec(model) is not None:  # a CRF export as model.name: its CRF is not built, nor recorded
-            delattr(model.config, crf.CONFIG_KEY)
+        for extra in (crf, gazetteer_model):  # an export with them as model.name: not built, nor recorded
+            if extra.spec(model) is not None:
+                delattr(model.config, extra.CONFIG_KEY)
         if self.config.model.crf:  # a fresh CRF, also over a CRF export (its labels may differ)
             crf.attach(model, self.config.model.crf_constraints)
+        if self.gazetteer is not None:
+            found = self.gazetteer
+            gazetteer_model.attach(model, list(found.types), found.lowercase, found.digest)
         return model
 
     def loss_weight(self, batch: Batch) -> torch.Tensor:
@@ -296,7 +344,9 @@ class TokenClassificationTask:
         return read_unlabeled(path, fmt, tokenizer, self.config)
 
     def encode_unlabeled(self, inputs: pa.Table, tokenizer: Any) -> pa.Table:
-        return encode_sentences(inputs, tokenizer, None, self.config.data.max_length)[0]
+        return encode_sentences(
+            inputs, tokenizer, None, self.config.data.max_length, gazetteer=self.gazetteer
+        )[0]
 
     def write_predictions(self, inputs, predictions, labels, output, fmt) -> None:
         write_predictions(inputs, predictions, labels, output, fmt)

@@ -10,6 +10,7 @@ from distributed_ft.config.load import load_config
 from distributed_ft.config.schema import JobConfig
 from distributed_ft.engine import build_engine
 from distributed_ft.errors import CheckpointError, ConfigError
+from distributed_ft.modeling import gazetteer
 from distributed_ft.modeling.build import load_trained
 from distributed_ft.modeling.peft import MERGEABLE, merge_adapter, write_export_extras
 from distributed_ft.runtime import storage
@@ -92,9 +93,11 @@ def export_run(
     if context.is_main:
         tokenizer.save_pretrained(written)
         write_export_extras(engine.module, written)
+        gazetteer.copy_into_export(getattr(config.data, "gazetteer", None), written)
         if merge_lora:  # merged on one plain CPU copy, from the adapter just written
             merge_adapter(load_trained(config.task, str(written))).save_pretrained(target)
             tokenizer.save_pretrained(target)
+            gazetteer.copy_into_export(getattr(config.data, "gazetteer", None), target)
             shutil.rmtree(written)
     context.barrier()
     return target

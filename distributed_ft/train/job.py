@@ -23,7 +23,7 @@ from distributed_ft.config.schema import JobConfig
 from distributed_ft.data.prepare import PreparedDataset
 from distributed_ft.engine.base import Engine
 from distributed_ft.errors import ConfigError, DftError
-from distributed_ft.modeling import crf
+from distributed_ft.modeling import crf, gazetteer
 from distributed_ft.modeling.build import load_tokenizer, model_hidden_size
 from distributed_ft.modeling.peft import apply_peft
 from distributed_ft.runtime.context import RuntimeContext
@@ -52,7 +52,7 @@ def load_task(config: JobConfig, tokenizer_source: str | None = None) -> tuple[A
 def build_model(config: JobConfig, task: Task, labels: list[str] | None, engine: Engine) -> nn.Module:
     """The task's model, PEFT applied, built inside ``engine.model_construction`` (ZeRO-3: partitioned)."""
     with engine.model_construction(model_hidden_size(config.model)):
-        return crf.install(apply_peft(task.build_model(labels), config))
+        return gazetteer.install(crf.install(apply_peft(task.build_model(labels), config)))
 
 
 @dataclass
@@ -158,7 +158,7 @@ def run_dir_refusal(run_dir: Path, config: JobConfig) -> str | None:
     )
 
 
-IDENTITY = ("task", "model.", "peft.", "data.train", "data.validation", "data.test")
+IDENTITY = ("task", "model.", "peft.", "data.train", "data.validation", "data.test", "data.gazetteer")
 """The settings that make a run what it is: a checkpoint resumes only under the same ones (``train.*``,
 ``eval.*`` or ``run.*`` may change, e.g. more steps or another learning rate)."""
 

@@ -22,6 +22,7 @@ from distributed_ft.data.shards import ShardedBatchSource
 from distributed_ft.engine import build_engine
 from distributed_ft.engine.base import Engine
 from distributed_ft.errors import CheckpointError, Preempted
+from distributed_ft.modeling import gazetteer
 from distributed_ft.modeling.peft import (
     format_parameter_report,
     parameter_report,
@@ -344,6 +345,7 @@ def finish(
     if context.is_main:
         job.tokenizer.save_pretrained(export_dir)
         write_export_extras(engine.module, export_dir)
+        gazetteer.copy_into_export(getattr(job.config.data, "gazetteer", None), export_dir)
         results["export"] = context.durable_location(job.run_dir, "export")
         (job.run_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
     if context.is_main and config.track.report:

@@ -10,9 +10,11 @@ import yaml
 
 from distributed_ft.config.load import apply_override, validate
 from distributed_ft.config.schema import JobConfig
+from distributed_ft.data.gazetteer import file_digest, load_gazetteer
 from distributed_ft.data.sources import ArrowBatchSource
 from distributed_ft.engine.torch_engine import inference_engine
 from distributed_ft.errors import ConfigError, DataError
+from distributed_ft.modeling import gazetteer
 from distributed_ft.modeling.build import load_trained
 from distributed_ft.modeling.peft import adapter_task, is_adapter_dir
 from distributed_ft.runtime import storage
@@ -49,7 +51,38 @@ def locate_model(path: str, overrides: list[str] | tuple[str, ...] = ()) -> tupl
         )
     for assignment in overrides:
         apply_override(raw, assignment)
-    return model_dir, validate(raw)
+    return model_dir, with_export_gazetteer(validate(raw), model_dir)
+
+
+def with_export_gazetteer(config: JobConfig, model_dir: Path) -> JobConfig:
+    """``config`` matching the words to the gazetteer copy the export holds (none if it records none).
+
+    The features are recomputed from the raw words with the file and options the model was trained with,
+    whatever ``data.gazetteer`` the run's config names (that path may not exist where this runs).
+
+    Raises:
+        ConfigError: The export records a gazetteer whose file is missing or has other types.
+    """
+    if config.task != "token_classification":
+        return config
+    found = gazetteer.recorded_file(model_dir)
+    if found is None:
+        if config.data.gazetteer:
+            log.warning("%s has no gazetteer embedding: data.gazetteer is ignored", model_dir)
+        update = {"gazetteer": None, "gazetteer_lowercase": False}
+    else:
+        path, record = found
+        lowercase = bool(record.get("lowercase", False))
+        types = list(load_gazetteer(path, lowercase).types)
+        if types != list(record.get("types", [])):
+            raise ConfigError(
+                f"{path} has the types {types}, but the model was trained with {record.get('types')} "
+                f"({gazetteer.CONFIG_KEY} in {model_dir}/config.json): put back the file it was trained with"
+            )
+        if record.get("sha256") and file_digest(path) != record["sha256"]:
+            log.warning("%s differs from the gazetteer the model was trained with (same types)", path)
+        update = {"gazetteer": str(path), "gazetteer_lowercase": lowercase}
+    return config.model_copy(update={"data": config.data.model_copy(update=update)})
 
 
 def evaluate_model(
