@@ -2,10 +2,12 @@
 
 Every variant is the experiment's job plus the variant's own overrides (``train.layer_lr_decay``,
 ``data.augment.multiplier``, ``data.shots_per_label``, ...), trained in this process by the library's own
-loop once per seed and scored on the test split. ``hf`` is Hugging Face ``Trainer`` on the same prepared
-data and settings (``benchmarks/loops.py``'s set-up: no evaluation during training). Variants run in
-ABBA order over the seeds, so slow drift of a shared machine falls on every variant alike; the table gives
-each variant's mean, min and max over seeds, its difference to ``baseline`` and the time ratio.
+loop once per seed and scored on the test split. ``data.gazetteer: "{train_gazetteer}"`` is a gazetteer
+built from the job's training split only (as ``dft data gazetteer`` does), so the test set stays unseen.
+``hf`` is Hugging Face ``Trainer`` on the same prepared data and settings (``benchmarks/loops.py``'s
+set-up: no evaluation during training). Variants run in ABBA order over the seeds, so slow drift of a
+shared machine falls on every variant alike; the table gives each variant's mean, min and max over
+seeds, its difference to ``baseline`` and the time ratio.
 """
 
 from __future__ import annotations
@@ -21,8 +23,26 @@ from benchmarks.common import StepRecorder, interleaved, job_config, median, ove
 HF = "hf"
 
 
-def _variant_overrides(spec: dict[str, Any], variant: str, seed: int) -> list[str]:
-    overrides = spec["params"]["variants"][variant] or {}
+TRAIN_GAZETTEER = "{train_gazetteer}"
+"""A variant's ``data.gazetteer`` value for a gazetteer built from the job's own training split."""
+
+
+def train_gazetteer(spec: dict[str, Any], workdir: Path) -> Path:
+    """The job's training-split mentions as a gazetteer file (``dft data gazetteer``), built once."""
+    from distributed_ft.data.gazetteer import write_gazetteer
+    from distributed_ft.tasks import get_task
+
+    path = workdir / "train-gazetteer.tsv"
+    if not path.is_file():
+        config = job_config(spec["job"])
+        write_gazetteer(get_task(config).training_gazetteer(), path, str(config.data.train))
+    return path
+
+
+def _variant_overrides(spec: dict[str, Any], variant: str, seed: int, workdir: Path) -> list[str]:
+    overrides = dict(spec["params"]["variants"][variant] or {})
+    if overrides.get("data.gazetteer") == TRAIN_GAZETTEER:
+        overrides["data.gazetteer"] = str(train_gazetteer(spec, workdir))
     return [*overrides_list({"overrides": overrides}), f"train.seed={seed}"]
 
 
@@ -32,7 +52,8 @@ def run_variant(spec: dict[str, Any], variant: str, seed: int, workdir: Path) ->
     from distributed_ft.train.loop import train
 
     run_dir = workdir / f"{variant}-seed{seed}"
-    extra = [*_variant_overrides(spec, variant, seed), f"run.output_dir={run_dir}", "run.resume=never"]
+    extra = [*_variant_overrides(spec, variant, seed, workdir), f"run.output_dir={run_dir}"]
+    extra.append("run.resume=never")
     config = job_config(spec["job"], *extra)
     started = time.perf_counter()
     results = train(config, LocalContext(), f"quality-{variant}")

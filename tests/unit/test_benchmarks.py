@@ -163,7 +163,7 @@ def test_quality_smoke(bench_cache, tmp_path):
     """Each technique and HF Trainer trained per seed, scored on test, compared with the plain run."""
     payload = _smoke("quality", tmp_path)
     assert not payload["failures"], payload["failures"]
-    assert {r["variant"] for r in payload["records"]} == {"plain", "augment", "fgm", "crf", "hf"}
+    assert {r["variant"] for r in payload["records"]} == {"plain", "augment", "fgm", "crf", "gazetteer", "hf"}
     for record in payload["records"]:
         assert 0 <= record["f1"] <= 1 and record["wall_seconds"] > 0
     rows = {row[0]: row for row in payload["tables"][0]["rows"]}
