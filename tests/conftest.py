@@ -28,6 +28,14 @@ def tiny_conll(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+@pytest.fixture(scope="session")
+def tiny_conll_train(tiny_conll):
+    """The tiny corpus's training split as the token-tag reader gives it (a ``pyarrow.Table``)."""
+    from distributed_ft.data.readers import read_token_tags
+
+    return read_token_tags(str(tiny_conll["train"]))
+
+
 @pytest.fixture
 def tiny_job(tiny_bert, tiny_conll, tmp_path) -> list[str]:
     """Overrides for a fast NER job on the tiny model and corpus (a packaged recipe underneath)."""

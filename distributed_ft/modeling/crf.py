@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from distributed_ft.errors import ConfigError
+from distributed_ft.modeling import heads
 
 log = logging.getLogger("distributed_ft")
 
@@ -172,14 +173,12 @@ def attach(model: nn.Module, constraints: str = "none") -> nn.Module:
 
 def spec(model: nn.Module) -> dict[str, Any] | None:
     """The CRF ``model.config`` records (``None``: no CRF)."""
-    config = getattr(model, "config", None)
-    return getattr(config, CONFIG_KEY, None) if config is not None else None
+    return heads.recorded(model, CONFIG_KEY)
 
 
 def owner(model: nn.Module) -> nn.Module | None:
     """The transformers model under ``model`` (a PEFT wrapper or the model itself) if it has a CRF."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner if hasattr(inner, MODULE) else None
+    return heads.owner(model, MODULE)
 
 
 def _add_scores(inner: nn.Module):
@@ -219,18 +218,11 @@ def restore(model: nn.Module, directory: str | Path, weights_in_directory: bool 
     recorded = spec(model)
     if not recorded or hasattr(model, MODULE):
         return model
-    from safetensors import safe_open
-
     attach(model, recorded.get("constraints", "none"))
     if not weights_in_directory:
         return model
     prefix = f"{MODULE}."
-    weights: dict[str, torch.Tensor] = {}
-    for file in sorted(Path(directory).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open handles are not mappings)
-                if key.startswith(prefix):
-                    weights[key[len(prefix) :]] = handle.get_tensor(key)
+    weights = heads.saved_weights(directory, MODULE)
     if not weights:
         raise ConfigError(
             f"{directory}/config.json records a CRF ({CONFIG_KEY}) but no safetensors file there holds its "

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from distributed_ft.errors import ConfigError
+from distributed_ft.modeling import heads
 
 log = logging.getLogger("distributed_ft")
 
@@ -57,14 +58,12 @@ def attach(model: nn.Module, types: list[str], lowercase: bool, digest: str) -> 
 
 def spec(model: nn.Module) -> dict[str, Any] | None:
     """The gazetteer ``model.config`` records (``None``: none)."""
-    config = getattr(model, "config", None)
-    return getattr(config, CONFIG_KEY, None) if config is not None else None
+    return heads.recorded(model, CONFIG_KEY)
 
 
 def owner(model: nn.Module) -> nn.Module | None:
     """The transformers model under ``model`` (a PEFT wrapper or the model itself) if it has the embedding."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner if hasattr(inner, MODULE) else None
+    return heads.owner(model, MODULE)
 
 
 def install(model: nn.Module) -> nn.Module:
@@ -118,17 +117,11 @@ def restore(model: nn.Module, directory: str | Path, weights_in_directory: bool 
     recorded = spec(model)
     if not recorded or hasattr(model, MODULE):
         return model
-    from safetensors import safe_open
-
     attach(model, recorded["types"], recorded.get("lowercase", False), recorded.get("sha256", ""))
     if not weights_in_directory:
         return model
     key = f"{MODULE}.weight"
-    weight = None
-    for file in sorted(Path(directory).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            if key in handle.keys():  # noqa: SIM118 (safe_open handles are not mappings)
-                weight = handle.get_tensor(key)
+    weight = heads.saved_weights(directory, MODULE).get("weight")
     if weight is None:
         raise ConfigError(
             f"{directory}/config.json records a gazetteer ({CONFIG_KEY}) but no safetensors file there "

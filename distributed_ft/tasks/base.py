@@ -160,6 +160,32 @@ def training_set_options(config: JobConfig) -> dict[str, Any]:
     }
 
 
+def shaped_training_set(
+    train: pa.Table,
+    config: JobConfig,
+    few_shot: Callable[[pa.Table, int, int], tuple[pa.Table, str]],
+    augment: Callable[[pa.Table, Any, int], tuple[pa.Table, Any]],
+    unit: str,
+) -> tuple[pa.Table, list[str]]:
+    """Few-shot selection, then augmentation, of the training ``unit``s (a log line for each step).
+
+    Args:
+        train: The training split as read (after ``data.max_train_samples``).
+        config: The job (``data.shots_per_label``, ``data.augment``, ``train.seed``).
+        few_shot: The task's k-per-label sampler: ``(table, k, seed) -> (table, note)``.
+        augment: The task's augmenter: ``(table, options, seed) -> (table, stats)``.
+        unit: What the rows are called in the log lines (``sentences``, ``examples``).
+    """
+    data, seed, notes = config.data, config.train.seed, []
+    if data.shots_per_label:
+        train, note = few_shot(train, data.shots_per_label, seed)
+        notes.append(note)
+    if data.augment.multiplier:
+        train, stats = augment(train, data.augment, seed)
+        notes.append(stats.describe(unit))
+    return train, notes
+
+
 def cached(config: JobConfig, key: str, build: Callable[[], Preparation]) -> PreparedDataset:
     """The prepared dataset of ``key`` in ``data.cache_dir``; ``build`` reads the inputs on a miss."""
     data = config.data

@@ -37,7 +37,7 @@ from distributed_ft.data.prepare import (
 from distributed_ft.data.sources import Batch, pad_sequences
 from distributed_ft.errors import ConfigError, DataError
 from distributed_ft.modeling.build import build_model, load_tokenizer
-from distributed_ft.tasks.base import cached, input_key
+from distributed_ft.tasks.base import cached, input_key, shaped_training_set
 from distributed_ft.tasks.classification_data import (
     add_marker_tokens,
     check_known_labels,
@@ -273,14 +273,11 @@ class SequenceClassificationTask:
 
     def training_set(self, train: pa.Table) -> tuple[pa.Table, list[str]]:
         """Few-shot selection, then augmentation, of the training examples; a log line for each."""
-        data, seed, notes = self.config.data, self.config.train.seed, []
-        if data.shots_per_label:
-            train, note = few_shot_examples(train, data.shots_per_label, seed)
-            notes.append(note)
-        if data.augment.multiplier:
-            train, stats = augment_texts(train, data.augment, seed, self.markers)
-            notes.append(stats.describe("examples"))
-        return train, notes
+
+        def augment(table: pa.Table, options: Any, seed: int) -> tuple[pa.Table, Any]:
+            return augment_texts(table, options, seed, self.markers)
+
+        return shaped_training_set(train, self.config, few_shot_examples, augment, "examples")
 
     def encode(
         self, table: pa.Table, tokenizer: Any, label2id: dict[str, int] | None, split: str = "input"

@@ -43,7 +43,7 @@ from distributed_ft.errors import DataError
 from distributed_ft.modeling import crf
 from distributed_ft.modeling import gazetteer as gazetteer_model
 from distributed_ft.modeling.build import build_model
-from distributed_ft.tasks.base import cached, input_key
+from distributed_ft.tasks.base import cached, input_key, shaped_training_set
 from distributed_ft.tasks.losses import token_count, token_cross_entropy_sum
 
 IGNORE = -100
@@ -234,14 +234,7 @@ class TokenClassificationTask:
 
     def training_set(self, train: pa.Table) -> tuple[pa.Table, list[str]]:
         """Few-shot selection, then augmentation, of the training sentences; a log line for each."""
-        data, seed, notes = self.config.data, self.config.train.seed, []
-        if data.shots_per_label:
-            train, note = few_shot_sentences(train, data.shots_per_label, seed)
-            notes.append(note)
-        if data.augment.multiplier:
-            train, stats = augment_sentences(train, data.augment, seed)
-            notes.append(stats.describe("sentences"))
-        return train, notes
+        return shaped_training_set(train, self.config, few_shot_sentences, augment_sentences, "sentences")
 
     def training_gazetteer(self, min_count: int = 1) -> BuiltGazetteer:
         """Entity surfaces of the training split only, each with its most frequent type.

@@ -21,8 +21,8 @@ from distributed_ft.train.job import prepare_data_once
 
 
 @pytest.fixture(scope="module")
-def sentences(tiny_conll) -> pa.Table:
-    return readers.read_token_tags(str(tiny_conll["train"]))
+def sentences(tiny_conll_train) -> pa.Table:
+    return tiny_conll_train
 
 
 def _rows(table: pa.Table) -> list[tuple[list[str], list[str]]]:

@@ -18,8 +18,8 @@ from distributed_ft.testing import make_tokenizer
 
 
 @pytest.fixture(scope="module")
-def sentences(tiny_conll) -> pa.Table:
-    return readers.read_token_tags(str(tiny_conll["train"]))
+def sentences(tiny_conll_train) -> pa.Table:
+    return tiny_conll_train
 
 
 def _types_per_sentence(table: pa.Table) -> Counter:
