@@ -293,6 +293,8 @@ def estimate_memory(
         frozen_base=not setup.full_finetune,
         adapter_inputs=setup.adapter_dropout_inputs(shape),
     )
+    if setup.adversarial_steps:
+        act *= 2  # the clean graph is kept for the one backward through it and the adversarial graph
     extra = bm.context_bytes if bm.context_bytes is not None else context_bytes
     if world > 1:
         extra += bm.comm_bytes

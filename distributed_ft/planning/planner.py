@@ -79,6 +79,7 @@ def plan(
         trainable_params=trainable,
         full_finetune=setup.full_finetune,
         gradient_checkpointing=setup.gradient_checkpointing,
+        adversarial_steps=setup.adversarial_steps,
     )
     notes = _notes(setup, ev.memory.model_load_per_node, capacity)
     try:
@@ -127,6 +128,12 @@ def _notes(setup: TrainingSetup, load_bytes: int, capacity: Capacity) -> list[st
         notes.append("offload slows steps (PCIe transfers, CPU Adam); tokens/s does not model that")
     if setup.peft_method not in ("none", "lora", "freeze"):
         notes.append(f"{setup.peft_method} adapters are counted as zero parameters (they are tiny)")
+    if setup.adversarial_steps:
+        notes.append(
+            f"adversarial training ({setup.adversarial_steps} perturbation step(s)): FLOPs per token include "
+            f"its {setup.adversarial_steps + 1} forwards and extra backwards; memory holds two forwards' "
+            "activations"
+        )
     if setup.world_size > 1:
         notes.append("communication time is not modeled separately; it is part of the assumed MFU")
     if load_bytes > capacity.host_bytes:

@@ -39,6 +39,8 @@ class TrainingSetup:
     target_modules: tuple[str, ...] | None = None
     train_head: bool | None = None
     gradient_checkpointing: bool = False
+    adversarial_steps: int = 0
+    """Perturbation steps of ``train.adversarial`` per micro-batch: 0 off, 1 FGM, PGD its ``steps``."""
     model_dtype: str = "float32"
     mixed_precision: str = "no"
     flash_attention: bool = False
@@ -163,6 +165,14 @@ class TrainingSetup:
         return out
 
 
+def adversarial_steps(train: Any) -> int:
+    """Perturbation steps ``train.adversarial*`` runs per micro-batch (0: no adversarial training)."""
+    method = getattr(train, "adversarial", "none")
+    if method == "none":
+        return 0
+    return int(train.adversarial_steps) if method == "pgd" else 1
+
+
 def setup_from_job(config: Any, **overrides: Any) -> TrainingSetup:
     """Build a :class:`TrainingSetup` from a ``JobConfig``; keyword arguments override fields."""
     targets = config.peft.target_modules
@@ -182,6 +192,7 @@ def setup_from_job(config: Any, **overrides: Any) -> TrainingSetup:
         "lora_dropout": config.peft.dropout,
         "target_modules": tuple(targets) if targets is not None else None,
         "gradient_checkpointing": config.model.gradient_checkpointing,
+        "adversarial_steps": adversarial_steps(config.train),
         "model_dtype": config.model.dtype,
         "mixed_precision": config.train.mixed_precision,
     }

@@ -108,6 +108,7 @@ def flops_per_token(
     trainable_params: int,
     full_finetune: bool,
     gradient_checkpointing: bool = False,
+    adversarial_steps: int = 0,
 ) -> tuple[float, float]:
     """Training FLOPs per token: ``(model_flops, hardware_flops)``.
 
@@ -117,11 +118,21 @@ def flops_per_token(
     Attention scores and their use on values add ``4 L h s`` forward per token and twice that backward:
     ``12 L h s`` (PaLM, Chowdhery et al. 2022, app. B). Gradient checkpointing re-runs the forward pass
     (``2 M + 4 L h s`` more hardware FLOPs); model FLOPs exclude that recomputation.
+
+    Adversarial training with ``k`` perturbation steps (``train/adversarial.py``; FGM ``k = 1``) runs, per
+    micro-batch, ``k`` forwards each followed by an input-gradient backward (``2 M + 4 L h s`` each way),
+    then the adversarial forward, and one backward through both graphs: ``k (4 M + 8 L h s)`` plus one more
+    backward (``weights - 2 M + 8 L h s``) on top of the plain step. They are the method's own work, so they
+    count in both model and hardware FLOPs (FGM on a full fine-tune: ``14 M`` instead of ``6 M``).
     """
     matmul = float(shape.matmul_params)
     attention_fwd = 4.0 * shape.num_layers * shape.hidden_size * seq_len
     weights = 6.0 * matmul if full_finetune else 4.0 * matmul + 6.0 * trainable_params
     model = weights + 3.0 * attention_fwd
+    if adversarial_steps:
+        forward_and_input_gradient = 2.0 * (2.0 * matmul + attention_fwd)
+        backward = weights - 2.0 * matmul + 2.0 * attention_fwd
+        model += adversarial_steps * forward_and_input_gradient + backward
     hardware = model + (2.0 * matmul + attention_fwd if gradient_checkpointing else 0.0)
     return model, hardware
 

@@ -6,7 +6,8 @@ MFU is ``tokens/s x model FLOPs per token / (peak FLOP/s per rank x ranks)``:
 
 * FLOPs per token come from the planner's model (:func:`distributed_ft.planning.flops_per_token`): ``6 M``
   for full fine-tuning, ``4 M + 6 T`` when only ``T`` parameters train (LoRA, a frozen base), plus the
-  attention term at the window's mean sequence length; recomputation (gradient checkpointing) is excluded.
+  attention term at the window's mean sequence length, plus the passes of adversarial training; recomputation
+  (gradient checkpointing) is excluded.
 * The peak is the planner's dense table for the GPU in the compute dtype (bf16/fp16 with mixed precision
   or half weights, else fp32), or on a CPU a one-thread fp32 matmul probe times this rank's threads.
 """
@@ -23,6 +24,7 @@ import torch
 
 from distributed_ft.config.schema import JobConfig
 from distributed_ft.planning import ModelShape, device_spec, flops_per_token, shape_from_pretrained
+from distributed_ft.planning.spec import adversarial_steps
 
 log = logging.getLogger("distributed_ft")
 
@@ -37,6 +39,7 @@ class FlopsMeter:
     peak_flops_per_rank: float
     peak_source: str
     world_size: int
+    adversarial_steps: int = 0
 
     def flops_per_token(self, seq_len: float) -> float:
         """Model FLOPs (forward + backward) per token at ``seq_len`` tokens per example."""
@@ -45,6 +48,7 @@ class FlopsMeter:
             max(round(seq_len), 1),
             trainable_params=self.trainable_params,
             full_finetune=self.full_finetune,
+            adversarial_steps=self.adversarial_steps,
         )
         return flops
 
@@ -108,7 +112,7 @@ def flops_meter(config: JobConfig, num_labels: int | None, trainable: int, devic
         log.info("MFU not reported: %s", exc)
         return None
     full = config.peft.method == "none"
-    return FlopsMeter(shape, trainable, full, peak, source, world)
+    return FlopsMeter(shape, trainable, full, peak, source, world, adversarial_steps(config.train))
 
 
 def peak_memory_bytes(device: torch.device) -> int:

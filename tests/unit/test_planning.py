@@ -370,3 +370,50 @@ def test_fits_includes_the_model_load_peak_and_zero3_builds_partitioned(llama_7b
     small_host = Capacity(device_bytes=10**15, host_bytes=100 * GiB, context_bytes=0)
     assert not evaluate(llama_7b, whole, small_host).fits  # the device is large; the load peak is not
     assert evaluate(llama_7b, partitioned, small_host).fits
+
+
+# --- adversarial training's cost ---------------------------------------------------------------------
+
+
+def test_adversarial_flops_count_every_extra_pass(llama_7b):
+    """FGM on a full fine-tune is 14 M (+7 attention forwards), PGD k steps adds 4 M + 2 a per step."""
+    matmul = llama_7b.matmul_params
+    attention = 4 * 32 * 4096 * 512  # 4 L h s: one attention forward per token
+
+    def model_flops(steps: int, full: bool = True, trainable: int = 0) -> float:
+        flops, hardware = flops_per_token(
+            llama_7b, 512, trainable_params=trainable, full_finetune=full, adversarial_steps=steps
+        )
+        assert hardware == flops  # no recomputation: every pass is the method's own work
+        return flops
+
+    assert model_flops(0) == pytest.approx(6 * matmul + 3 * attention)
+    assert model_flops(1) == pytest.approx(14 * matmul + 7 * attention)
+    assert model_flops(3) == pytest.approx(22 * matmul + 11 * attention)
+    assert model_flops(3) - model_flops(2) == pytest.approx(4 * matmul + 2 * attention)
+    lora = 10_000_000  # a frozen base: the final backward computes weight gradients for T params only
+    assert model_flops(1, full=False, trainable=lora) == pytest.approx(10 * matmul + 12 * lora + 7 * attention)
+
+
+def test_adversarial_holds_two_forwards_of_activations(llama_7b):
+    plain = _setup_7b(3)
+    fgm = estimate_memory(llama_7b, plain.replace(adversarial_steps=1))
+    pgd = estimate_memory(llama_7b, plain.replace(adversarial_steps=3))
+    base = estimate_memory(llama_7b, plain)
+    assert fgm.activations == pgd.activations == 2 * base.activations > 0
+    assert fgm.parameters == base.parameters and fgm.optimizer_states == base.optimizer_states
+
+
+@pytest.mark.parametrize(
+    ("train", "steps"),
+    [({}, 0), ({"adversarial": "fgm"}, 1), ({"adversarial": "pgd", "adversarial_steps": 5}, 5)],
+)
+def test_plan_job_prices_train_adversarial(config_dir, train, steps):
+    config = JobConfig(model={"name": str(config_dir)}, train={"max_steps": 10, **train})
+    report = plan_job(config, num_labels=9).to_json()
+    assert report["setup"]["adversarial_steps"] == steps
+    notes = report["recommendation"]["notes"]
+    assert any("adversarial training" in note for note in notes) == bool(steps)
+    plain = plan_job(JobConfig(model={"name": str(config_dir)}, train={"max_steps": 10}), num_labels=9)
+    ratio = plain.to_json()["throughput"]["tokens_per_s"] / report["throughput"]["tokens_per_s"]
+    assert (ratio > 2) == bool(steps) and ratio >= 1
