@@ -156,9 +156,20 @@ def run_plain(
 
 # --------------------------------------------------------------------------- Hugging Face Trainer
 def run_hf(
-    config: Any, context: Any, prepared: Any, recorder: StepRecorder, task: Any, tokenizer: Any, out: Path
+    config: Any,
+    context: Any,
+    prepared: Any,
+    recorder: StepRecorder,
+    task: Any,
+    tokenizer: Any,
+    out: Path,
+    arguments: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``transformers.Trainer`` with its usual token-classification set-up."""
+    """``transformers.Trainer`` with its usual token-classification set-up.
+
+    ``arguments`` replace ``TrainingArguments`` fields of that set-up (e.g. ``train_sampling_strategy:
+    random`` and ``optim: adamw_torch`` for a plain ``run_ner.py``).
+    """
     from transformers import (
         DataCollatorForTokenClassification,
         Trainer,
@@ -198,7 +209,7 @@ def run_hf(
             recorder.step_done()
 
     model = _baseline_model(config, labels)
-    args = TrainingArguments(
+    fields: dict[str, Any] = dict(
         output_dir=str(out),
         per_device_train_batch_size=train_cfg.batch_size,
         num_train_epochs=train_cfg.epochs,
@@ -219,6 +230,7 @@ def run_hf(
         seed=train_cfg.seed,
         remove_unused_columns=False,
     )
+    args = TrainingArguments(**{**fields, **(arguments or {})})
     trainer = Trainer(
         model=model,
         args=args,

@@ -4,8 +4,10 @@ Every variant is the experiment's job plus the variant's own overrides (``train.
 ``data.augment.multiplier``, ``data.shots_per_label``, ...), trained in this process by the library's own
 loop once per seed and scored on the test split. ``data.gazetteer: "{train_gazetteer}"`` is a gazetteer
 built from the job's training split only (as ``dft data gazetteer`` does), so the test set stays unseen.
-``hf`` is Hugging Face ``Trainer`` on the same prepared data and settings (``benchmarks/loops.py``'s
-set-up: no evaluation during training). Variants run in ABBA order over the seeds, so slow drift of a
+``hf`` (and any variant named ``hf_*``) is Hugging Face ``Trainer`` on the same prepared data and settings
+(``benchmarks/loops.py``'s set-up: no evaluation during training, length-grouped batches, fused AdamW); its
+overrides are ``TrainingArguments`` fields (``train_sampling_strategy: random`` gives ``run_ner.py``'s
+random batches). Variants run in ABBA order over the seeds, so slow drift of a
 shared machine falls on every variant alike; the table gives each variant's mean, min and max over
 seeds, its difference to ``baseline`` and the time ratio.
 """
@@ -21,6 +23,12 @@ from typing import Any
 from benchmarks.common import StepRecorder, interleaved, job_config, median, overrides_list
 
 HF = "hf"
+"""The name (or ``hf_`` prefix) of a variant that is Hugging Face ``Trainer``."""
+
+
+def is_hf(variant: str) -> bool:
+    """Whether ``variant`` runs Hugging Face ``Trainer`` (its overrides are ``TrainingArguments`` fields)."""
+    return variant == HF or variant.startswith(f"{HF}_")
 
 
 TRAIN_GAZETTEER = "{train_gazetteer}"
@@ -61,7 +69,7 @@ def run_variant(spec: dict[str, Any], variant: str, seed: int, workdir: Path) ->
     return {"test": results["test"], "train_seconds": results["train_seconds"], "wall_seconds": wall}
 
 
-def run_hf_variant(spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
+def run_hf_variant(spec: dict[str, Any], variant: str, seed: int, workdir: Path) -> dict[str, Any]:
     """Hugging Face ``Trainer`` on the job's prepared data with the job's settings and ``seed``."""
     from benchmarks.loops import run_hf
     from distributed_ft.runtime.context import LocalContext
@@ -71,10 +79,14 @@ def run_hf_variant(spec: dict[str, Any], seed: int, workdir: Path) -> dict[str, 
     context = LocalContext()
     tokenizer, task = load_task(config)
     prepared = task.prepare_data(tokenizer, data_splits(config))
+    recorder = StepRecorder()
     started = time.perf_counter()
-    scores = run_hf(config, context, prepared, StepRecorder(), task, tokenizer, workdir / f"hf-seed{seed}")
+    arguments = dict(spec["params"]["variants"][variant] or {})
+    out = workdir / f"{variant}-seed{seed}"
+    scores = run_hf(config, context, prepared, recorder, task, tokenizer, out, arguments)
     wall = time.perf_counter() - started
-    return {"test": scores, "train_seconds": None, "wall_seconds": wall}
+    train_seconds = recorder.ends[-1] - recorder.start if recorder.ends and recorder.start else None
+    return {"test": scores, "train_seconds": train_seconds, "wall_seconds": wall}
 
 
 def run(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
@@ -90,8 +102,8 @@ def run(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
     for index, variant in interleaved(variants, len(seeds)):
         seed = seeds[index]
         try:
-            if variant == HF:
-                outcome = run_hf_variant(spec, seed, workdir)
+            if is_hf(variant):
+                outcome = run_hf_variant(spec, variant, seed, workdir)
             else:
                 outcome = run_variant(spec, variant, seed, workdir)
         except Exception as exc:  # record and go on: the other variants still compare
@@ -124,6 +136,7 @@ def summarize(
         return [r[key] for r in records if r["variant"] == variant and r.get(key) is not None]
 
     base_metric, base_wall = values(baseline, metric), median(values(baseline, "wall_seconds"))
+    base_train = median(values(baseline, "train_seconds"))
     rows = []
     for variant in variants:
         scores, walls = values(variant, metric), values(variant, "wall_seconds")
@@ -140,6 +153,7 @@ def summarize(
                 f"{min(scores):.4f}-{max(scores):.4f}",
                 round(mean - statistics.fmean(base_metric), 4) if base_metric else None,
                 None if train_s is None else round(train_s, 1),
+                round(train_s / base_train, 2) if train_s and base_train else None,
                 round(median(walls), 1),
                 round(median(walls) / base_wall, 2) if base_wall else None,
             ]
@@ -158,6 +172,7 @@ def summarize(
                     "min-max",
                     f"vs {baseline}",
                     "train s",
+                    f"train / {baseline}",
                     "wall s",
                     f"wall / {baseline}",
                 ],
@@ -165,7 +180,8 @@ def summarize(
                 "caption": (
                     "train s: the loop's training time (evaluations excluded); wall s: the whole run "
                     "(preparation from the cache, evaluation, test, export), medians over seeds. hf: "
-                    "transformers.Trainer, no evaluation during training, scored by the same evaluation."
+                    "transformers.Trainer, no evaluation during training, scored by the same evaluation; "
+                    "its train s runs from its first batch to its last optimizer step."
                 ),
             }
         ],

@@ -167,8 +167,18 @@ def test_quality_smoke(bench_cache, tmp_path):
     for record in payload["records"]:
         assert 0 <= record["f1"] <= 1 and record["wall_seconds"] > 0
     rows = {row[0]: row for row in payload["tables"][0]["rows"]}
-    assert rows["plain"][5] == 0 and rows["plain"][8] == 1  # the baseline against itself
+    assert rows["plain"][5] == 0 and rows["plain"][7] == 1 and rows["plain"][9] == 1  # against itself
     assert rows["augment"][1] == "data.augment.multiplier=1"
+    assert rows["hf"][6] > 0  # Trainer's own training time: first batch to last optimizer step
+
+
+def test_quality_hf_variant_takes_training_arguments(bench_cache, tmp_path):
+    """An ``hf_*`` variant is Trainer with its overrides as TrainingArguments fields (the run_ner sampler)."""
+    payload = _smoke("quality_hf3", tmp_path)
+    assert not payload["failures"], payload["failures"]
+    rows = {row[0]: row for row in payload["tables"][0]["rows"]}
+    assert rows["hf_run_ner"][1] == 'train_sampling_strategy="random"' and rows["hf_run_ner"][5] == 0
+    assert rows["crf"][6] > 0 and rows["crf"][7] > 0  # dft's train s and its ratio to Trainer's
 
 
 def test_few_shot_smoke_trains_and_scores_each_k(bench_cache, tmp_path):
