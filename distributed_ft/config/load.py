@@ -144,13 +144,17 @@ def unknown_key_hint(key: str) -> str | None:
     return None if key in _valid_keys() else _closest_key(key)
 
 
+_TOKEN_CLASSIFICATION_MODEL_KEYS = ("crf", "crf_constraints")
+"""``model`` keys only token classification has: a new ``task`` drops the recipe's values."""
+
+
 def _as_unit(raw: dict[str, Any], source: dict[str, Any], given: set[str]) -> list[str]:
     """Drop what of the source belongs with a part the overrides replaced; the notes saying what went.
 
     A new ``data.train`` is a new data set: the source's other splits the overrides do not set are dropped.
-    A new ``task`` also drops the source's splits, its ``data`` keys of the old task and its
-    ``eval.metric`` (unless set): they belong to the source's task (the metric becomes the new task's
-    default).
+    A new ``task`` also drops the source's splits, its ``data`` keys of the old task, its ``model.crf*``
+    (only token classification has a CRF) and its ``eval.metric`` (unless set): they belong to the source's
+    task (the metric becomes the new task's default).
     """
     notes = []
     data, source_data = raw.get("data") or {}, source.get("data") or {}
@@ -178,6 +182,10 @@ def _as_unit(raw: dict[str, Any], source: dict[str, Any], given: set[str]) -> li
             if not _overridden(f"data.{k}", given) and key_owners(k) and raw.get("task") not in key_owners(k)
         ]:
             dropped.append(f"data.{key}={data.pop(key)}")
+        model = raw.get("model") or {}
+        for key in [k for k in _TOKEN_CLASSIFICATION_MODEL_KEYS if k in model and f"model.{k}" not in given]:
+            if raw.get("task") != "token_classification":
+                dropped.append(f"model.{key}={model.pop(key)}")
     source_metric = (source.get("eval") or {}).get("metric")
     if new_task and "eval.metric" not in given and source_metric is not None:
         raw["eval"].pop("metric", None)

@@ -545,7 +545,7 @@ class JobConfig(_Section):
         if self.data.label_all_subtokens:
             raise ValueError(
                 "model.crf=true runs the CRF over each word's first sub-token: set "
-                "data.label_all_subtokens=false"
+                "data.label_all_subtokens=false, or model.crf=false for the plain head"
             )
 
     def _select_engine(self) -> None:

@@ -156,6 +156,14 @@ def test_a_task_override_drops_the_recipes_keys_of_the_old_task(logged):
     assert config.data.max_length == 64  # a shared key stays
 
 
+def test_a_task_override_drops_the_recipes_crf(logged):
+    assert load_config("ner-conll2003", [])[0].model.crf  # the reference recipe's head
+    config, _ = load_config("ner-conll2003", ["task=sequence_classification"])
+    assert not config.model.crf and "model.crf=True" in logged.text
+    with pytest.raises(ConfigError, match="task=sequence_classification has no CRF"):
+        load_config("ner-conll2003", ["task=sequence_classification", "model.crf=true"])
+
+
 def test_a_misspelt_task_key_gets_a_suggestion():
     with pytest.raises(ConfigError, match=r"did you mean 'data\.label_column'"):
         load_config("text-classification", ["data.label_colum=x"])

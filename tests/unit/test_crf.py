@@ -126,7 +126,7 @@ def test_compact_moves_positions_left_in_order():
     ("overrides", "expected"),
     [
         (["model.crf=true", "data.label_all_subtokens=true"], "data.label_all_subtokens=false"),
-        (["model.crf_constraints=none"], "set model.crf=true"),
+        (["model.crf=false", "model.crf_constraints=none"], "set model.crf=true"),
     ],
 )
 def test_crf_config_errors(overrides, expected):
