@@ -30,6 +30,7 @@ H, LAYERS, R = 64, 2, 8
 LABELS = 5  # O, B-LOC, B-ORG, B-PER, I-PER in the tiny corpus
 LORA = LAYERS * 2 * R * (H + H)  # query, value: A is r x H, B is H x r
 HEAD = H * LABELS + LABELS
+CRF = LABELS * LABELS + 2 * LABELS  # the recipe's CRF head: transitions, start and end scores
 LORA_ARGS = ["peft.method=lora", f"peft.r={R}", "train.lr=1e-2"]
 
 
@@ -48,9 +49,10 @@ def _check_adapter_export(run_dir: Path) -> None:
     assert len(lora) == LAYERS * 2 * 2 and len(head) == 2, sorted(tensors)
     assert sum(t.numel() for t in lora.values()) == LORA
     assert sum(t.numel() for t in head.values()) == HEAD
+    assert sum(t.numel() for k, t in tensors.items() if ".crf." in k) == CRF
     assert all(t.numel() and t.abs().sum() > 0 for t in tensors.values())  # trained B is no longer zero
     parameters = _results(run_dir)["parameters"]
-    assert parameters["trainable"] == LORA + HEAD
+    assert parameters["trainable"] == LORA + HEAD + CRF
     assert parameters["by_module_type"]["lora"] == {"trainable": LORA, "total": LORA}
 
 
@@ -68,7 +70,7 @@ def test_lora_with_the_torch_engine(tiny_job, tmp_path, capsys, tiny_conll):
     _check_adapter_export(run_dir)
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     state = load_file(run_dir / "checkpoints" / latest / "model.safetensors")
-    assert sum(t.numel() for t in state.values()) == LORA + HEAD  # adapter-only checkpoint
+    assert sum(t.numel() for t in state.values()) == LORA + HEAD + CRF  # adapter-only checkpoint
 
     results = _results(run_dir)
     assert _evaluate_json(run_dir, capsys)["f1"] == results["test"]["f1"]  # reload == live, exactly

@@ -32,7 +32,7 @@ def test_each_layer_trains_at_its_depths_rate_and_the_head_at_head_lr(tiny_bert)
     optimizer = build_optimizer(model, config.train, config.task)
     rates, layers = _rates(optimizer), model.config.num_hidden_layers
     for name, param in model.named_parameters():
-        if name.startswith("classifier."):
+        if name.startswith(("classifier.", "crf.")):  # both heads (the recipe's CRF included)
             expected = HEAD_LR
         elif name.startswith("bert.embeddings."):
             expected = LR * DECAY ** (layers + 1)
@@ -58,7 +58,7 @@ def test_lora_adapters_take_their_layers_rate(tiny_bert):
     layers = model.config.num_hidden_layers
     assert trained and all(id(p) not in rates for p in model.parameters() if not p.requires_grad)
     for name, rate in trained.items():
-        if ".classifier." in name:
+        if ".classifier." in name or ".crf." in name:
             assert rate == HEAD_LR, name
         else:
             assert "lora_" in name
